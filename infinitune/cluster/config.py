@@ -1,0 +1,45 @@
+"""The `cluster:` section: where the job runs (an embedded Ray, or an existing cluster) and its shape."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from infinitune.typed_config import require
+
+
+@dataclass
+class ClusterConfig:
+    """Ray: the cluster to use and the workers to start on it."""
+
+    address: str | None = None
+    """null: start an embedded Ray on this machine; `auto`, `ray://HEAD:10001` or `HEAD:6379` to join one."""
+
+    num_workers: int = 2
+    """Training workers (one process per GPU, or per CPU slot)."""
+
+    use_gpu: bool = False
+    """Give each worker a GPU."""
+
+    cpus_per_worker: int = 1
+    """CPUs reserved for each worker (its DataLoader workers run within them)."""
+
+    placement_strategy: str = "PACK"
+    """Ray placement: PACK (fill nodes), SPREAD, STRICT_PACK or STRICT_SPREAD."""
+
+    max_failures: int = 3
+    """Times Ray restarts the workers after a failure before the job fails (-1: without limit)."""
+
+    storage_path: str = "runs"
+    """Where run directories live: a local or shared directory, or s3://bucket/prefix."""
+
+    object_store_memory_mb: int = 512
+    """Object store size for an embedded Ray."""
+
+    def __post_init__(self):
+        require(self.num_workers > 0, "num_workers", f"must be positive; got {self.num_workers}")
+        require(self.cpus_per_worker > 0, "cpus_per_worker", f"must be positive; got {self.cpus_per_worker}")
+        strategies = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+        require(self.placement_strategy in strategies, "placement_strategy", f"must be one of {strategies}")
+        require(self.max_failures >= -1, "max_failures", f"must be >= -1; got {self.max_failures}")
+        require(bool(self.storage_path.strip()), "storage_path", "must name a directory or URI")
+        require(self.object_store_memory_mb >= 78, "object_store_memory_mb", "Ray needs at least 78 MB")

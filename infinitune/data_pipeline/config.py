@@ -1,0 +1,114 @@
+"""The `data:` section of a job config: where records come from, how they become shards, how they stream."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from infinitune.typed_config import require
+
+Format = Literal["auto", "alpaca", "sharegpt", "messages"]
+
+
+@dataclass
+class SourceConfig:
+    """One input source; several are mixed by weight."""
+
+    path: str
+    """A JSON, JSONL or parquet file, a directory or glob of them, a directory written by
+    `datasets.Dataset.save_to_disk`, or a name `datasets.load_dataset` understands (hub names need a network)."""
+
+    format: Format = "auto"
+    """Record layout: alpaca (instruction/input/output), sharegpt (conversations[{from, value}]), messages
+    (OpenAI `messages[{role, content}]`), or auto (detected from the first records of the source)."""
+
+    weight: float = 1.0
+    """How much of this source to use: 1.0 once, 2.0 twice (each copy packed apart), 0.5 a seeded half."""
+
+    split: str = "train"
+    """The split to read when `path` is a dataset name or a saved dataset with several splits."""
+
+    columns: dict[str, str] = field(default_factory=dict)
+    """Rename record fields before detection, e.g. {prompt: instruction, response: output}."""
+
+    roles: dict[str, str] = field(default_factory=dict)
+    """Extra role names and what they mean (system, user, assistant or tool), e.g. {narrator: system}."""
+
+    def __post_init__(self):
+        require(bool(self.path.strip()), "path", "must name a file, directory or dataset")
+        require(0 < self.weight <= 100, "weight", f"must be in (0, 100]; got {self.weight}")
+        allowed = {"system", "user", "assistant", "tool"}
+        for name, role in self.roles.items():
+            require(role in allowed, f"roles.{name}", f"must be one of {sorted(allowed)}; got {role!r}")
+
+
+@dataclass
+class DataConfig:
+    """Instruction data: sources, templating and masking, packing, shards and the training stream."""
+
+    sources: list[SourceConfig] = field(default_factory=list)
+    """Input sources, mixed by their weights."""
+
+    seq_len: int = 1024
+    """Tokens per training sample. Documents are packed into sequences of exactly this length."""
+
+    packing: bool = True
+    """Pack several documents into each sequence (attention never crosses documents). Off: one document
+    per sequence, padded."""
+
+    train_on: Literal["assistant", "all", "last"] = "assistant"
+    """Which tokens carry loss: every assistant turn, all tokens, or only the last assistant turn."""
+
+    too_long: Literal["truncate", "drop"] = "truncate"
+    """What to do with a record longer than seq_len: keep its first seq_len tokens, or drop it (counted)."""
+
+    val_fraction: float = 0.02
+    """Fraction of records held out for validation (a seeded choice per record)."""
+
+    shards_dir: str = "runs/shards"
+    """Where `prepare` writes the WebDataset shards and manifest.json; training reads them from here.
+    A local directory or a URL webdataset/fsspec can read (file:, http(s):, pipe:, s3://)."""
+
+    chat_template: str | None = None
+    """A Jinja chat template (the text, or a path to a .jinja file) to use instead of the tokenizer's.
+    Tokenizers without a template get the documented fallback (docs/data.md)."""
+
+    seed: int = 0
+    """Seed for the validation split and weight sampling (prepare) and the sample order (stream)."""
+
+    samples_per_shard: int = 2048
+    """Packed samples per tar shard (2048 x 2048 tokens is about 50 MB)."""
+
+    records_per_chunk: int = 20000
+    """Records handled as one unit of work by `prepare`. Output depends on it, not on the process count."""
+
+    num_proc: int = 0
+    """Processes for `prepare` (0: one per CPU core)."""
+
+    shuffle: bool = True
+    """Shuffle the training order (shards, then samples within a window); off: manifest order."""
+
+    shuffle_window: int = 16384
+    """Samples shuffled together. The order is a permutation of shards, then of samples within windows of
+    whole shards holding at least this many samples; a resume re-reads at most one window."""
+
+    num_workers: int = 2
+    """DataLoader worker processes per training rank."""
+
+    verify: Literal["sha256", "size", "none"] = "sha256"
+    """How shards are checked against the manifest before training: full checksum, size only, or not."""
+
+    def __post_init__(self):
+        require(len(self.sources) > 0, "sources", "list at least one source, e.g. [{path: data/train.jsonl}]")
+        require(8 <= self.seq_len <= 1_048_576, "seq_len", f"must be in [8, 1048576]; got {self.seq_len}")
+        require(0 <= self.val_fraction < 1, "val_fraction", f"must be in [0, 1); got {self.val_fraction}")
+        require(bool(self.shards_dir.strip()), "shards_dir", "must name a directory")
+        require(
+            self.samples_per_shard > 0, "samples_per_shard", f"must be positive; got {self.samples_per_shard}"
+        )
+        require(
+            self.records_per_chunk > 0, "records_per_chunk", f"must be positive; got {self.records_per_chunk}"
+        )
+        require(self.num_proc >= 0, "num_proc", f"must be >= 0; got {self.num_proc}")
+        require(self.shuffle_window > 0, "shuffle_window", f"must be positive; got {self.shuffle_window}")
+        require(self.num_workers >= 0, "num_workers", f"must be >= 0; got {self.num_workers}")

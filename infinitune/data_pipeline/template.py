@@ -1,0 +1,133 @@
+"""Chat-templated token ids and loss labels for normalised conversations.
+
+The loss mask comes from the tokenizer's own template, not from token ids: for an assistant turn i, its
+trained text is what `apply_chat_template(messages[:i+1])` adds beyond
+`apply_chat_template(messages[:i], add_generation_prompt=True)`, i.e. the answer and the template's
+end-of-turn marker. Masking by id would break where pad and eos share an id (SmolLM2, Llama), since the
+end-of-turn token must be trained for generation to stop.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from infinitune.data_pipeline.errors import RecordError
+from infinitune.data_pipeline.formats import ASSISTANT, SYSTEM, Conversation
+
+IGNORE = -100
+
+
+class ChatEncoder:
+    """Turns conversations into (input_ids, labels) with a fast tokenizer and a Jinja chat template."""
+
+    def __init__(self, tokenizer: Any, chat_template: str, train_on: str = "assistant"):
+        if train_on not in ("assistant", "all", "last"):
+            raise ValueError(f"train_on must be assistant, all or last; got {train_on!r}")
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.train_on = train_on
+        # Templates that know nothing of tools would drop tool definitions silently.
+        self.template_handles_tools = "tools" in chat_template
+        # transformers' own compiled template, rendered with the variables apply_chat_template gives it,
+        # without its per-call conversion of messages (which we already hold as plain dicts): 3x faster.
+        # Tests compare the result with tokenizer.apply_chat_template.
+        try:
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+
+            self._compiled = _compile_jinja_template(chat_template)
+        except ImportError:  # a transformers without it: the public, slower path
+            self._compiled = None
+        self._variables = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
+
+    def render(self, messages: Sequence[dict[str, str]], tools: Any = None, generation_prompt=False) -> str:
+        tools = tools if tools and self.template_handles_tools else None
+        try:
+            if self._compiled is not None:
+                return self._compiled.render(
+                    messages=messages,
+                    tools=tools,
+                    documents=None,
+                    add_generation_prompt=generation_prompt,
+                    **self._variables,
+                )
+            return self.tokenizer.apply_chat_template(
+                list(messages),
+                chat_template=self.chat_template,
+                tokenize=False,
+                add_generation_prompt=generation_prompt,
+                **({"tools": tools} if tools else {}),
+            )
+        except Exception as e:  # jinja2 errors, and templates that raise_exception() on what they refuse
+            raise RecordError("template_error", f"{type(e).__name__}: {e}") from None
+
+    def text_and_spans(self, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered conversation and the character spans that carry loss."""
+        messages = conv.messages
+        if conv.tools and not self.template_handles_tools:
+            tool_text = "You can call these tools:\n" + json.dumps(conv.tools, ensure_ascii=False)
+            if messages[0]["role"] == SYSTEM:
+                messages = [
+                    {"role": SYSTEM, "content": messages[0]["content"] + "\n\n" + tool_text},
+                    *messages[1:],
+                ]
+            else:
+                messages = [{"role": SYSTEM, "content": tool_text}, *messages]
+        text = self.render(messages, conv.tools)
+        if self.train_on == "all":
+            return text, [(0, len(text))]
+        turns = [i for i, m in enumerate(messages) if m["role"] == ASSISTANT]
+        if self.train_on == "last":
+            turns = turns[-1:]
+        spans = []
+        for i in turns:
+            before = self.render(messages[:i], conv.tools, generation_prompt=True)
+            upto = text if i == len(messages) - 1 else self.render(messages[: i + 1], conv.tools)
+            if not (text.startswith(before) and text.startswith(upto) and len(before) < len(upto)):
+                raise RecordError(
+                    "template_error",
+                    f"the template's rendering of the first {i + 1} turns is not a prefix of the whole "
+                    "conversation, so the answer tokens cannot be located; use a prefix-stable template "
+                    "(data.chat_template)",
+                )
+            spans.append((len(before), len(upto)))
+        return text, spans
+
+    def encode(self, convs: Sequence[Conversation]) -> list[tuple[np.ndarray, np.ndarray] | RecordError]:
+        """(input_ids, labels) as int32 arrays for each conversation, or the RecordError it raised.
+
+        Tokenising the whole batch in one call lets the Rust tokenizer use its own threads.
+        """
+        rendered: list[tuple[str, list[tuple[int, int]]] | RecordError] = []
+        for conv in convs:
+            try:
+                rendered.append(self.text_and_spans(conv))
+            except RecordError as e:
+                rendered.append(e)
+        texts = [r[0] for r in rendered if not isinstance(r, RecordError)]
+        enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else None
+        out: list[tuple[np.ndarray, np.ndarray] | RecordError] = []
+        k = 0
+        for r in rendered:
+            if isinstance(r, RecordError):
+                out.append(r)
+                continue
+            ids = np.asarray(enc["input_ids"][k], dtype=np.int32)
+            starts = np.fromiter((o[0] for o in enc["offset_mapping"][k]), dtype=np.int64, count=len(ids))
+            k += 1
+            trained = np.zeros(len(ids), dtype=bool)
+            for lo, hi in r[1]:
+                trained |= (starts >= lo) & (starts < hi)
+            # The first token of a document is never predicted: in a packed sequence the position before it
+            # belongs to another document.
+            if len(trained):
+                trained[0] = False
+            labels = np.where(trained, ids, IGNORE).astype(np.int32)
+            if not trained.any():
+                out.append(RecordError("template_error", "the rendered conversation has no trained tokens"))
+                continue
+            out.append((ids, labels))
+        return out

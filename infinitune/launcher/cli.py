@@ -1,0 +1,156 @@
+"""The `infinitune` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+from infinitune.typed_config import ConfigError
+
+EXIT_USAGE = 2  # bad config, bad input: nothing was started
+
+
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="a YAML job config (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides such as train.lr=1e-4")
+
+
+def cmd_generate_data(args: argparse.Namespace) -> int:
+    from infinitune.data_pipeline import synthetic
+
+    tasks = args.tasks.split(",") if args.tasks else None
+    if tasks:
+        unknown = [t for t in tasks if t not in synthetic.TASKS]
+        if unknown:
+            raise ConfigError("--tasks", f"unknown task(s) {unknown}; known: {', '.join(synthetic.TASKS)}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    t0 = time.perf_counter()
+    synthetic.write_jsonl(args.out, args.n, args.seed, tasks, args.format)
+    print(
+        f"wrote {args.n} {args.format} records (seed {args.seed}) to {args.out} in {time.perf_counter() - t0:.1f}s"
+    )
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from infinitune.data_pipeline.prepare import SKIPPED_REPORT, prepare
+    from infinitune.data_pipeline.tokenizer import load_tokenizer
+    from infinitune.launcher.job_config import check_against_model, load_job_config
+
+    cfg = load_job_config(args.config, args.overrides)
+    check_against_model(cfg)
+    t0 = time.perf_counter()
+    tokenizer = load_tokenizer(
+        cfg.model.tokenizer or cfg.model.path, None if cfg.model.tokenizer else cfg.model.gguf_file
+    )
+    manifest = prepare(cfg.data, tokenizer, skip_invalid=args.skip_invalid, num_proc=args.num_proc)
+    took = time.perf_counter() - t0
+    print(f"\nshards in {cfg.data.shards_dir} ({took:.1f}s)")
+    for src in manifest.sources:
+        dropped = ", ".join(f"{k} {v}" for k, v in src["dropped"].items()) or "none"
+        print(
+            f"  {src['path']} [{src['format']}]: {src['records']} records = {src['kept']} kept "
+            f"({src['validation']} validation, {src['truncated']} truncated) + dropped: {dropped}"
+        )
+    for name, split in manifest.splits.items():
+        t = split.totals(manifest.seq_len)
+        print(
+            f"  {name}: {t['samples']} samples x {manifest.seq_len} tokens in {len(split.shards)} shards, "
+            f"{t['documents']} documents, {t['trained_tokens']} trained tokens, "
+            f"packing efficiency {100 * t['packing_efficiency']:.2f}%"
+        )
+    if any(src["dropped"] for src in manifest.sources):
+        print(f"  skipped records and their reasons: {os.path.join(cfg.data.shards_dir, SKIPPED_REPORT)}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from infinitune.launcher.job_config import JobConfig, check_against_model, load_job_config
+    from infinitune.typed_config import describe
+
+    if args.config is None:
+        print(config_reference(JobConfig, describe))
+        return 0
+    cfg = load_job_config(args.config, args.overrides)
+    if args.check_model:
+        check_against_model(cfg)
+    import yaml
+
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def config_reference(root, describe) -> str:
+    """Markdown reference of every config key, from the field docstrings."""
+    lines = [
+        "# Config reference",
+        "",
+        "Generated from the config field docstrings by `infinitune config > docs/config.md`; do not edit.",
+        "Any key can be overridden on the command line as `section.key=value`.",
+        "",
+        "| key | type | default | meaning |",
+        "|---|---|---|---|",
+    ]
+    for key, tp, default, doc in describe(root):
+        doc, tp = " ".join(doc.split()).replace("|", "\\|"), tp.replace("|", "\\|")
+        lines.append(f"| `{key}` | {tp} | `{default}` | {doc} |")
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="infinitune",
+        description="Fine-tune instruction-following LLMs: prepare shards, train with Ray + DeepSpeed, export.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "generate-data", help="write synthetic instruction tasks with checkable answers (JSONL)"
+    )
+    p.add_argument("--n", type=int, required=True, help="number of records")
+    p.add_argument("--seed", type=int, default=0, help="stream seed (use another seed for held-out tasks)")
+    p.add_argument("--out", required=True, help="output .jsonl file")
+    p.add_argument("--format", choices=["alpaca", "messages"], default="alpaca")
+    p.add_argument("--tasks", default=None, help="comma-separated task names (default: all)")
+    p.set_defaults(func=cmd_generate_data)
+
+    p = sub.add_parser("prepare", help="sources -> chat-templated, masked, packed WebDataset shards")
+    _add_overrides(p)
+    p.add_argument("--skip-invalid", action="store_true", help="skip bad records (counted, in skipped.jsonl)")
+    p.add_argument("--num-proc", type=int, default=None, help="processes (default: data.num_proc)")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("config", help="print the config reference, or a config resolved and checked")
+    p.add_argument("config", nargs="?", default=None, help="a YAML job config to check and print resolved")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--check-model", action="store_true", help="also check against the model's config")
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from infinitune.data_pipeline.errors import DataError
+    from infinitune.data_pipeline.tokenizer import ModelSourceError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, ModelSourceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""The root job config: one typed section per component, loaded from YAML plus `section.key=value` overrides.
+
+Everything that can be checked without touching the cluster is checked here, before any work starts:
+unknown keys, types, values, how sections fit together, and (when asked) the model's context length.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from infinitune.cluster.config import ClusterConfig
+from infinitune.data_pipeline.config import DataConfig
+from infinitune.trainer.config import (
+    CheckpointConfig,
+    DeepSpeedConfig,
+    LoggingConfig,
+    ModelConfig,
+    TrainConfig,
+)
+from infinitune.typed_config import ConfigError, apply_overrides, from_dict, require, to_dict
+
+
+@dataclass
+class JobConfig:
+    """A fine-tuning job. Each component receives only its own section."""
+
+    name: str
+    """The run's name: its directory is cluster.storage_path/name."""
+
+    model: ModelConfig
+    """The model to fine-tune."""
+
+    data: DataConfig
+    """Instruction data, shards and the stream."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation."""
+
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """DeepSpeed ZeRO settings."""
+
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Resumable checkpoints."""
+
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """Ray cluster and workers."""
+
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """TensorBoard and console reporting."""
+
+    def __post_init__(self):
+        require(
+            bool(self.name) and "/" not in self.name and self.name not in (".", ".."),
+            "name",
+            f"must be a plain directory name; got {self.name!r}",
+        )
+        per_pass = self.train.micro_batch_size * self.cluster.num_workers
+        if self.train.global_batch_size % per_pass:
+            raise ConfigError(
+                "train.global_batch_size",
+                f"must be a multiple of train.micro_batch_size x cluster.num_workers "
+                f"({self.train.micro_batch_size} x {self.cluster.num_workers} = {per_pass}); "
+                f"got {self.train.global_batch_size}",
+            )
+        if self.deepspeed.precision == "fp32" and self.model.dtype != "float32":
+            raise ConfigError("model.dtype", "deepspeed.precision fp32 needs model.dtype float32")
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+def load_job_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Read a YAML job config, apply overrides and check everything; errors name the key path."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("", f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError("", f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("", f"{path}: a job config must be a mapping of sections (name, model, data, ...)")
+    try:
+        return from_dict(JobConfig, apply_overrides(data, list(overrides)))
+    except ConfigError as e:
+        raise ConfigError(e.key, f"{e.message} (in {path})") from None
+
+
+def save_job_config(cfg: JobConfig, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def model_max_positions(model: ModelConfig) -> int | None:
+    """The model's context length from its config.json or GGUF header, without loading weights."""
+    if model.max_position_embeddings:
+        return model.max_position_embeddings
+    from infinitune.data_pipeline.tokenizer import resolve_model_source
+
+    source, gguf = resolve_model_source(model.path, model.gguf_file)
+    if gguf:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(os.path.join(source, gguf))
+        arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+        field_ = reader.fields.get(f"{arch}.context_length")
+        return int(field_.parts[-1][0]) if field_ is not None else None
+    config_file = Path(source) / "config.json"
+    if config_file.is_file():
+        import json
+
+        cfg = json.loads(config_file.read_text())
+        cfg = cfg.get("text_config", cfg)
+        return cfg.get("max_position_embeddings") or cfg.get("n_positions") or cfg.get("max_sequence_length")
+    from transformers import AutoConfig  # a hub id: only its config is fetched
+
+    cfg = AutoConfig.from_pretrained(source, trust_remote_code=model.trust_remote_code)
+    return getattr(cfg, "max_position_embeddings", None)
+
+
+def check_against_model(cfg: JobConfig) -> None:
+    """Checks that need the model's config (not its weights): data.seq_len within its context."""
+    limit = model_max_positions(cfg.model)
+    if limit is not None and cfg.data.seq_len > limit:
+        raise ConfigError(
+            "data.seq_len",
+            f"{cfg.data.seq_len} is beyond the model's {limit} positions ({cfg.model.path}); lower it to at most "
+            f"{limit}",
+        )

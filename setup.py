@@ -1,0 +1,45 @@
+"""infinitune: fine-tune instruction-following LLMs with Ray + DeepSpeed ZeRO-3."""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+VERSION = re.search(r'__version__ = "([^"]+)"', Path("infinitune/version.py").read_text()).group(1)
+
+setup(
+    name="infinitune",
+    version=VERSION,
+    description="Distributed instruction fine-tuning: WebDataset shards, Ray Train, DeepSpeed ZeRO-3.",
+    long_description=Path("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["infinitune", "infinitune.*"]),
+    include_package_data=True,
+    package_data={"infinitune": ["py.typed"]},
+    install_requires=[
+        # A range, not a pin: GPU users bring the torch build that matches their CUDA.
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "transformers>=4.56",
+        "tokenizers>=0.21",
+        "datasets>=3.0",
+        "webdataset>=0.2.100",
+        "ray[train]>=2.40",
+        "tensorboard>=2.15",
+        "safetensors>=0.4",
+        "peft>=0.13",
+        "numpy>=1.24",
+        "pyarrow>=14",
+        "fsspec>=2023.1",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+        "gguf>=0.10",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6"],
+        "s3": ["s3fs"],
+    },
+    entry_points={"console_scripts": ["infinitune=infinitune.launcher.cli:main"]},
+    classifiers=["Programming Language :: Python :: 3", "License :: OSI Approved :: Apache Software License"],
+)

@@ -1,0 +1,159 @@
+"""The job config: every shipped config loads; bad keys and values are refused with their key path."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from infinitune.launcher.job_config import JobConfig, check_against_model, load_job_config
+from infinitune.typed_config import ConfigError, apply_overrides, describe, field_docs
+
+from .conftest import REPO
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def test_there_are_shipped_configs():
+    names = {p.stem for p in CONFIGS}
+    assert "quickstart" in names and len(CONFIGS) >= 4
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_shipped_config_loads(path, tmp_path):
+    cfg = load_job_config(path)
+    assert isinstance(cfg, JobConfig)
+    assert cfg.name and cfg.data.sources
+    # The resolved config (what a run saves) round-trips through YAML.
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(yaml.safe_dump(cfg.to_dict()))
+    assert load_job_config(resolved) == cfg
+
+
+def _write(tmp_path, text: str) -> Path:
+    p = tmp_path / "job.yaml"
+    p.write_text(text)
+    return p
+
+
+BASE = """
+name: t
+model: {path: some/model}
+data: {sources: [{path: data.jsonl}], seq_len: 256}
+train: {global_batch_size: 8, micro_batch_size: 2}
+cluster: {num_workers: 2}
+"""
+
+
+def test_overrides_set_typed_values(tmp_path):
+    cfg = load_job_config(
+        _write(tmp_path, BASE),
+        [
+            "train.lr=3e-4",
+            "data.seq_len=512",
+            "data.sources.0.weight=2",
+            "model.lora={r: 8}",
+            "logging.tensorboard=false",
+        ],
+    )
+    assert cfg.train.lr == pytest.approx(3e-4)  # YAML reads 3e-4 as a string: taken as the number meant
+    assert cfg.data.seq_len == 512
+    assert cfg.data.sources[0].weight == 2.0
+    assert cfg.model.lora is not None and cfg.model.lora.r == 8 and cfg.model.lora.alpha == 32.0
+    assert cfg.logging.tensorboard is False
+
+
+@pytest.mark.parametrize(
+    "overrides, key, words",
+    [
+        (["trian.lr=1"], "trian", "did you mean 'train'"),
+        (["train.learning_rate=1e-4"], "train.learning_rate", "unknown key"),
+        (["data.sources.0.fromat=alpaca"], "data.sources.0.fromat", "did you mean 'format'"),
+        (["train.micro_batch_size=-1"], "train.micro_batch_size", "must be positive"),
+        (["train.global_batch_size=0"], "train.global_batch_size", "must be positive"),
+        (["train.max_steps=ten"], "train.max_steps", "expected an integer"),
+        (["train.lr=fast"], "train.lr", "expected a number"),
+        (["data.packing=maybe"], "data.packing", "expected true or false"),
+        (["data.train_on=assistants"], "data.train_on", "did you mean 'assistant'"),
+        (["data.val_fraction=1.5"], "data.val_fraction", "[0, 1)"),
+        (["data.sources=[]"], "data.sources", "at least one source"),
+        (["data.sources.0.weight=-1"], "data.sources.0.weight", "(0, 100]"),
+        (["data.sources.0.roles={narrator: god}"], "data.sources.0.roles.narrator", "must be one of"),
+        (["train.global_batch_size=6"], "train.global_batch_size", "micro_batch_size x cluster.num_workers"),
+        (["deepspeed.zero_stage=4"], "deepspeed.zero_stage", "must be one of 0, 1, 2, 3"),
+        (
+            ["deepspeed.offload_params=cpu", "deepspeed.zero_stage=2"],
+            "deepspeed.offload_params",
+            "zero_stage 3",
+        ),
+        (["cluster.num_workers=0"], "cluster.num_workers", "must be positive"),
+        (["name=a/b"], "name", "plain directory name"),
+        (["model.path="], "model.path", "must name"),
+        (["data.sources.3.path=x"], "data.sources.3", "no list item 3"),
+    ],
+)
+def test_bad_values_are_refused_with_their_key_path(tmp_path, overrides, key, words):
+    with pytest.raises(ConfigError) as info:
+        load_job_config(_write(tmp_path, BASE), overrides)
+    assert info.value.key == key
+    assert words.lower() in str(info.value).lower()
+    assert "job.yaml" in str(info.value)  # names the file too
+
+
+def test_missing_required_key_names_it(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_job_config(_write(tmp_path, "name: t\ndata: {sources: [{path: x}]}\n"))
+    assert info.value.key == "model"
+
+
+def test_not_yaml_and_not_a_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_job_config(_write(tmp_path, "name: [unclosed"))
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        load_job_config(_write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_job_config(tmp_path / "absent.yaml")
+
+
+def test_seq_len_beyond_the_models_positions_is_refused(tmp_path):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text('{"model_type": "llama", "max_position_embeddings": 128}')
+    cfg = load_job_config(_write(tmp_path, BASE), [f"model.path={model_dir}", "data.seq_len=256"])
+    with pytest.raises(ConfigError) as info:
+        check_against_model(cfg)
+    assert info.value.key == "data.seq_len" and "128 positions" in str(info.value)
+    check_against_model(
+        load_job_config(_write(tmp_path, BASE), [f"model.path={model_dir}", "data.seq_len=128"])
+    )
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match=r"section\.key=value"):
+        apply_overrides({}, ["train.lr"])
+    with pytest.raises(ConfigError, match="is a value"):
+        apply_overrides({"train": {"lr": 1}}, ["train.lr.x=2"])
+
+
+def test_field_docstrings_are_the_help_text():
+    from infinitune.data_pipeline.config import DataConfig
+
+    docs = field_docs(DataConfig)
+    assert "Tokens per training sample" in docs["seq_len"]
+    rows = {key: doc for key, _, _, doc in describe(JobConfig)}
+    assert "data.sources[].path" in rows and "train.lr" in rows and "model.lora.r" in rows
+    undocumented = [key for key, doc in rows.items() if not doc]
+    assert not undocumented, f"config fields without a docstring: {undocumented}"
+
+
+def test_config_reference_in_docs_is_current():
+    out = subprocess.run(
+        [sys.executable, "-m", "infinitune.launcher.cli", "config"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert (REPO / "docs" / "config.md").read_text() == out, "regenerate: infinitune config > docs/config.md"

@@ -34,6 +34,9 @@ class ConfigError(ValueError):
         self.message = message
         super().__init__(f"{key}: {message}" if key else message)
 
+    def __reduce__(self):  # crosses process boundaries (Ray, multiprocessing)
+        return ConfigError, (self.key, self.message)
+
     def under(self, prefix: str) -> ConfigError:
         """The same error, with its key placed under `prefix`."""
         if not prefix:

@@ -33,6 +33,9 @@ class RecordError(Exception):
         self.detail = detail
         super().__init__(f"{reason}: {detail}")
 
+    def __reduce__(self):  # crosses process boundaries in prepare
+        return RecordError, (self.reason, self.detail)
+
 
 class DataError(Exception):
     """Input or shards that cannot be used; the message names the file (and line) and the fix."""

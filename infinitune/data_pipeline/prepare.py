@@ -20,6 +20,7 @@ import multiprocessing as mp
 import os
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,9 @@ class _Worker:
             except RecordError as err:
                 self._drop(res, where, err, record)
                 continue
-            if uniform(cfg.seed, src.path, index, "val") < cfg.val_fraction:
+            # The held-out choice hangs on the conversation itself: duplicates, in any file or format, land
+            # on the same side, so validation never holds a copy of a training record.
+            if uniform(cfg.seed, json.dumps(conv.messages), 0, "val") < cfg.val_fraction:
                 keep.append((where, record, conv, 0))
                 continue
             copies = copies_for(src.weight, uniform(cfg.seed, src.path, index, "weight"))
@@ -207,15 +210,15 @@ def _chunks(cfg: DataConfig) -> Iterator[Chunk]:
             yield Chunk(next(unit), s, fmt, [(i, where, rec) for i, (where, rec) in batch])
 
 
-def _bounded_ordered_map(pool, fn, items: Iterator, in_flight: int) -> Iterator:
-    """pool.imap that reads `items` lazily: at most `in_flight` chunks of records are held at once."""
+def _bounded_ordered_map(pool: ProcessPoolExecutor, fn, items: Iterator, in_flight: int) -> Iterator:
+    """pool.map that reads `items` lazily: at most `in_flight` chunks of records are held at once."""
     pending: collections.deque = collections.deque()
     for item in items:
-        pending.append(pool.apply_async(fn, (item,)))
+        pending.append(pool.submit(fn, item))
         if len(pending) >= in_flight:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
     while pending:
-        yield pending.popleft().get()
+        yield pending.popleft().result()
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -254,28 +257,28 @@ def prepare(
     args = (cfg, tokenizer, chat_template, str(tmp), skip_invalid)
     results: list[ChunkResult] = []
     bar = tqdm(desc="prepare", unit="rec", disable=not progress, dynamic_ncols=True)
+    pool = None
     try:
         if nproc <= 1:
             worker = _Worker(*args)
             outputs: Iterator[ChunkResult] = (worker.run(c) for c in _chunks(cfg))
-            pool = None
         else:
             # spawn, not fork: the parent may hold threads (tokenizers, tqdm) that fork would copy mid-state.
-            pool = mp.get_context("spawn").Pool(nproc, initializer=_init_worker, initargs=args)
+            # A worker that dies makes the executor raise BrokenProcessPool instead of waiting forever.
+            pool = ProcessPoolExecutor(
+                nproc, mp.get_context("spawn"), initializer=_init_worker, initargs=args
+            )
             outputs = _bounded_ordered_map(pool, _run_chunk, _chunks(cfg), in_flight=2 * nproc)
         for res in outputs:
             results.append(res)
             bar.update(res.counts["records"])
             bar.set_postfix(dropped=sum(sum(r.dropped.values()) for r in results), refresh=False)
-        if pool is not None:
-            pool.close()
-            pool.join()
     except BaseException:
-        if nproc > 1 and "pool" in locals() and pool is not None:
-            pool.terminate()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
 
     manifest = Manifest(

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import re
+import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, BinaryIO
@@ -189,24 +190,32 @@ def write_shard(path: str, rows: Iterable[dict[str, np.ndarray]], stats: dict[st
 
 def iter_shard(url: str, wanted: set[int] | None = None) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     """(index in shard, sample arrays) for each sample (only those in `wanted` are decoded and yielded)."""
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
+    from webdataset.tariterators import group_by_keys, tar_file_expander
 
-    with open_url(url) as stream:
-        for expected, sample in enumerate(group_by_keys(tar_file_iterator(stream))):
-            key = sample["__key__"]
-            if key != f"{expected:07d}":
-                raise DataError(
-                    f"{url}: sample {expected} has key {key!r}; the shard is not one prepare wrote"
-                )
-            if wanted is not None and expected not in wanted:
-                continue
-            try:
-                arrays = {k: np.load(io.BytesIO(sample[f"{k}.npy"]), allow_pickle=False) for k in FIELDS}
-            except (KeyError, ValueError) as e:
-                raise DataError(
-                    f"{url}: sample {key} is malformed ({e}); re-run infinitune prepare"
-                ) from None
-            yield expected, arrays
+    try:
+        with open_url(url) as stream:
+            samples = group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
+            for expected, sample in enumerate(samples):
+                key = sample["__key__"]
+                if key != f"{expected:07d}":
+                    raise DataError(f"{url}: sample {expected} has key {key!r}; not a shard prepare wrote")
+                if wanted is not None and expected not in wanted:
+                    continue
+                try:
+                    arrays = {k: np.load(io.BytesIO(sample[f"{k}.npy"]), allow_pickle=False) for k in FIELDS}
+                except (KeyError, ValueError) as e:
+                    raise DataError(
+                        f"{url}: sample {key} is malformed ({e}); re-run infinitune prepare"
+                    ) from None
+                yield expected, arrays
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(
+            f"{url}: shard listed in the manifest is missing; restore it or re-run prepare"
+        ) from None
+    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+        raise DataError(f"{url}: cannot read the shard ({type(e).__name__}: {e}); it is damaged") from None
 
 
 def verify_shard(base: str, shard: ShardInfo, mode: str = "sha256") -> None:

@@ -64,18 +64,22 @@ class ChatEncoder:
         except Exception as e:  # jinja2 errors, and templates that raise_exception() on what they refuse
             raise RecordError("template_error", f"{type(e).__name__}: {e}") from None
 
-    def text_and_spans(self, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
-        """The rendered conversation and the character spans that carry loss."""
+    def messages_for(self, conv: Conversation) -> list[dict[str, str]]:
+        """The messages to render: tool definitions go into the system turn when the template has no
+        `tools` variable, so a function-calling record still shows the model what it may call."""
         messages = conv.messages
         if conv.tools and not self.template_handles_tools:
             tool_text = "You can call these tools:\n" + json.dumps(conv.tools, ensure_ascii=False)
             if messages[0]["role"] == SYSTEM:
-                messages = [
-                    {"role": SYSTEM, "content": messages[0]["content"] + "\n\n" + tool_text},
-                    *messages[1:],
-                ]
+                system = {"role": SYSTEM, "content": messages[0]["content"] + "\n\n" + tool_text}
+                messages = [system, *messages[1:]]
             else:
                 messages = [{"role": SYSTEM, "content": tool_text}, *messages]
+        return messages
+
+    def text_and_spans(self, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered conversation and the character spans that carry loss."""
+        messages = self.messages_for(conv)
         text = self.render(messages, conv.tools)
         if self.train_on == "all":
             return text, [(0, len(text))]

@@ -188,10 +188,17 @@ def write_shard(path: str, rows: Iterable[dict[str, np.ndarray]], stats: dict[st
     )
 
 
-def iter_shard(url: str, wanted: set[int] | None = None) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-    """(index in shard, sample arrays) for each sample (only those in `wanted` are decoded and yielded)."""
+def iter_shard(
+    url: str, wanted: set[int] | None = None, count: int | None = None
+) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """(index in shard, sample arrays) for each sample (only those in `wanted` are decoded and yielded).
+
+    With `count` (the manifest's), a shard holding another number of samples is an error: a tar cut short
+    ends without complaint from the tar reader.
+    """
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
+    expected = -1
     try:
         with open_url(url) as stream:
             samples = group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
@@ -208,6 +215,11 @@ def iter_shard(url: str, wanted: set[int] | None = None) -> Iterator[tuple[int, 
                         f"{url}: sample {key} is malformed ({e}); re-run infinitune prepare"
                     ) from None
                 yield expected, arrays
+        if count is not None and expected + 1 != count:
+            raise DataError(
+                f"{url}: holds {expected + 1} samples, the manifest says {count}: the shard was truncated or "
+                "changed after prepare; restore it or re-run `infinitune prepare`"
+            )
     except DataError:
         raise
     except FileNotFoundError:

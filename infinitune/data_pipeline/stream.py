@@ -272,17 +272,11 @@ class ShardStream(IterableDataset):
         for s in np.unique(shard).tolist():
             wanted = set(index[shard == s].tolist())
             info = self.shards[s]
-            for i, arrays in iter_shard(join_url(self.base, info.name), wanted):
+            url = join_url(self.base, info.name)
+            for i, arrays in iter_shard(url, wanted, count=info.samples):
                 if any(a.shape != (self.seq_len,) for a in arrays.values()):
-                    raise DataError(
-                        f"{join_url(self.base, info.name)}: sample {i} is not {self.seq_len} tokens long"
-                    )
+                    raise DataError(f"{url}: sample {i} is not {self.seq_len} tokens long; re-run prepare")
                 samples[int(self.order.shard_offsets[s]) + i] = arrays
-            if len(wanted) > sum(1 for i in wanted if int(self.order.shard_offsets[s]) + i in samples):
-                raise DataError(
-                    f"{join_url(self.base, info.name)}: holds fewer samples than the manifest's {info.samples}; "
-                    "the shard was truncated after prepare"
-                )
         return samples
 
 
@@ -357,6 +351,8 @@ class StatefulLoader:
             if last:
                 self.position = end
             yield mb
+        if self.end is not None:  # a finite split (validation) is read whole each time
+            self.position = 0
 
     def state_dict(self) -> dict[str, Any]:
         return {

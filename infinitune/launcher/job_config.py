@@ -6,6 +6,7 @@ unknown keys, types, values, how sections fit together, and (when asked) the mod
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,10 +110,10 @@ def model_max_positions(model: ModelConfig) -> int | None:
         arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
         field_ = reader.fields.get(f"{arch}.context_length")
         return int(field_.parts[-1][0]) if field_ is not None else None
-    config_file = Path(source) / "config.json"
-    if config_file.is_file():
-        import json
-
+    if Path(source).is_dir():
+        config_file = Path(source) / "config.json"
+        if not config_file.is_file():
+            return None  # a tokenizer-only directory: nothing to check against
         cfg = json.loads(config_file.read_text())
         cfg = cfg.get("text_config", cfg)
         return cfg.get("max_position_embeddings") or cfg.get("n_positions") or cfg.get("max_sequence_length")

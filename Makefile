@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-quick lint format bench docs clean
+.PHONY: setup quickstart test test-quick lint format bench docs clean
 
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,6 +17,11 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# The main job, on this machine's CPU. Today: synthetic tasks -> shards for SmolLM2-135M-Instruct.
+quickstart: $(STAMP)
+	$(BIN)/infinitune generate-data --n 20000 --seed 0 --out runs/quickstart/data/synth.jsonl
+	$(BIN)/infinitune prepare configs/quickstart.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

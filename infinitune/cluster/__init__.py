@@ -1,1 +1,1 @@
-"""cluster"""
+"""Ray: connecting to a cluster, starting the training workers, restarting them on failure."""

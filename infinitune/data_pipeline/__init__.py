@@ -1,1 +1,4 @@
-"""data_pipeline"""
+"""Instruction data: formats, chat templates and loss masks, packing, shards, and the resumable stream.
+
+Imports none of the other parts of infinitune.
+"""

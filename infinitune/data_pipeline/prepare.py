@@ -106,7 +106,7 @@ class _Worker:
                 continue
             # The held-out choice hangs on the conversation itself: duplicates, in any file or format, land
             # on the same side, so validation never holds a copy of a training record.
-            if uniform(cfg.seed, json.dumps(conv.messages), 0, "val") < cfg.val_fraction:
+            if cfg.val_fraction and uniform(cfg.seed, json.dumps(conv.messages), 0, "val") < cfg.val_fraction:
                 keep.append((where, record, conv, 0))
                 continue
             copies = copies_for(src.weight, uniform(cfg.seed, src.path, index, "weight"))
@@ -256,6 +256,7 @@ def prepare(
     nproc = num_proc if num_proc is not None else (cfg.num_proc or os.cpu_count() or 1)
     args = (cfg, tokenizer, chat_template, str(tmp), skip_invalid)
     results: list[ChunkResult] = []
+    tqdm.monitor_interval = 0  # no monitor thread, so forking workers copies no thread
     bar = tqdm(desc="prepare", unit="rec", disable=not progress, dynamic_ncols=True)
     pool = None
     try:
@@ -263,11 +264,11 @@ def prepare(
             worker = _Worker(*args)
             outputs: Iterator[ChunkResult] = (worker.run(c) for c in _chunks(cfg))
         else:
-            # spawn, not fork: the parent may hold threads (tokenizers, tqdm) that fork would copy mid-state.
+            # fork where there is one: a spawned worker spends seconds importing transformers again. The
+            # parent holds no tokenizer threads (it has not tokenised) and no tqdm monitor thread.
             # A worker that dies makes the executor raise BrokenProcessPool instead of waiting forever.
-            pool = ProcessPoolExecutor(
-                nproc, mp.get_context("spawn"), initializer=_init_worker, initargs=args
-            )
+            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+            pool = ProcessPoolExecutor(nproc, mp.get_context(method), initializer=_init_worker, initargs=args)
             outputs = _bounded_ordered_map(pool, _run_chunk, _chunks(cfg), in_flight=2 * nproc)
         for res in outputs:
             results.append(res)

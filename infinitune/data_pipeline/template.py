@@ -42,6 +42,7 @@ class ChatEncoder:
         except ImportError:  # a transformers without it: the public, slower path
             self._compiled = None
         self._variables = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
+        self._backend = tokenizer.backend_tokenizer
 
     def render(self, messages: Sequence[dict[str, str]], tools: Any = None, generation_prompt=False) -> str:
         tools = tools if tools and self.template_handles_tools else None
@@ -103,7 +104,9 @@ class ChatEncoder:
     def encode(self, convs: Sequence[Conversation]) -> list[tuple[np.ndarray, np.ndarray] | RecordError]:
         """(input_ids, labels) as int32 arrays for each conversation, or the RecordError it raised.
 
-        Tokenising the whole batch in one call lets the Rust tokenizer use its own threads.
+        The whole batch goes to the Rust tokenizer in one call (its own threads; what `tokenizer(texts,
+        add_special_tokens=False)` does inside), and the spans are mapped to tokens with `char_to_token`
+        rather than by converting every token's offsets to Python.
         """
         rendered: list[tuple[str, list[tuple[int, int]]] | RecordError] = []
         for conv in convs:
@@ -112,26 +115,38 @@ class ChatEncoder:
             except RecordError as e:
                 rendered.append(e)
         texts = [r[0] for r in rendered if not isinstance(r, RecordError)]
-        enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else None
+        encodings = iter(self._backend.encode_batch(texts, add_special_tokens=False) if texts else [])
         out: list[tuple[np.ndarray, np.ndarray] | RecordError] = []
-        k = 0
         for r in rendered:
             if isinstance(r, RecordError):
                 out.append(r)
                 continue
-            ids = np.asarray(enc["input_ids"][k], dtype=np.int32)
-            starts = np.fromiter((o[0] for o in enc["offset_mapping"][k]), dtype=np.int64, count=len(ids))
-            k += 1
+            encoding = next(encodings)
+            ids = np.asarray(encoding.ids, dtype=np.int32)
             trained = np.zeros(len(ids), dtype=bool)
             for lo, hi in r[1]:
-                trained |= (starts >= lo) & (starts < hi)
+                trained[
+                    _first_token_from(encoding, lo, len(r[0])) : _first_token_from(encoding, hi, len(r[0]))
+                ] = True
             # The first token of a document is never predicted: in a packed sequence the position before it
             # belongs to another document.
             if len(trained):
                 trained[0] = False
-            labels = np.where(trained, ids, IGNORE).astype(np.int32)
             if not trained.any():
                 out.append(RecordError("template_error", "the rendered conversation has no trained tokens"))
                 continue
-            out.append((ids, labels))
+            out.append((ids, np.where(trained, ids, IGNORE).astype(np.int32)))
         return out
+
+
+def _first_token_from(encoding: Any, char: int, length: int) -> int:
+    """Index of the first token that starts at or after character `char` (a token starting before it and
+    reaching into it belongs to what precedes the boundary)."""
+    if char >= length:
+        return len(encoding.ids)
+    token = encoding.char_to_token(char)
+    if token is None:  # a character the normaliser removed: find the next token by its offsets
+        starts = [start for start, _ in encoding.offsets]
+        return int(np.searchsorted(starts, char, side="left"))
+    start, _ = encoding.token_to_chars(token)
+    return token if start >= char else token + 1

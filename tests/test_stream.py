@@ -229,3 +229,25 @@ def test_a_manifest_cannot_point_outside_its_directory(shards_copy):
     (shards_copy / "manifest.json").write_text(text.replace(f'"{first}"', '"../../etc/passwd.tar"'))
     with pytest.raises(DataError, match=r"not a plain \.tar file name"):
         read_manifest(str(shards_copy))
+
+
+@pytest.mark.parametrize("scheme", ["file", "pipe", "fsspec"])
+def test_shards_stream_from_urls(shards, scheme, tmp_path):
+    """The same batches from a file: URL, a pipe: command and an fsspec filesystem (what s3:// goes through)."""
+    if scheme == "file":
+        base = f"file://{shards}"
+    elif scheme == "pipe":
+        base = f"pipe:cat {shards}"  # webdataset's pipe: reads a command's output; the name is appended
+    else:
+        import fsspec
+
+        fs = fsspec.filesystem("memory")
+        for p in Path(shards).iterdir():
+            fs.pipe(f"/bench-{tmp_path.name}/{p.name}", p.read_bytes())
+        base = f"memory://bench-{tmp_path.name}"
+    reference = global_batches(loaders(shards, world=1), 5)
+    manifest = read_manifest(base)
+    verify_shards(base, manifest)
+    got = global_batches(loaders(base, world=1), 5)
+    for a, b in zip(reference, got):
+        assert np.array_equal(a["input_ids"], b["input_ids"])

@@ -111,11 +111,11 @@ def join_url(base: str, name: str) -> str:
 
 def open_url(url: str) -> BinaryIO:
     """A readable stream for a path or URL: webdataset's gopen (file, pipe:, http(s), ...), else fsspec."""
-    import webdataset as wds
+    from webdataset.gopen import gopen, gopen_schemes
 
     scheme = urlparse(url).scheme
-    if scheme in ("", "file") or scheme in wds.gopen.gopen_schemes:
-        return wds.gopen(url, "rb")
+    if scheme in ("", "file") or scheme in gopen_schemes:
+        return gopen(url, "rb")
     import fsspec  # s3://, gs://, az://, memory:// ... through the installed fsspec implementations
 
     return fsspec.open(url, "rb").open()

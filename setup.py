@@ -41,5 +41,6 @@ setup(
         "s3": ["s3fs"],
     },
     entry_points={"console_scripts": ["infinitune=infinitune.launcher.cli:main"]},
-    classifiers=["Programming Language :: Python :: 3", "License :: OSI Approved :: Apache Software License"],
+    license="Apache-2.0",
+    classifiers=["Programming Language :: Python :: 3"],
 )

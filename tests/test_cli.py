@@ -69,6 +69,8 @@ def test_bad_config_fails_fast_naming_the_key(tmp_path, tiny_tokenizer_dir):
     assert not (tmp_path / "shards").exists() and not list(tmp_path.glob("shards.tmp-*"))  # nothing started
     out = run("generate-data", "--n", "3", "--out", str(tmp_path / "g.jsonl"), "--tasks", "add,telepathy")
     assert out.returncode == 2 and "unknown task" in out.stderr
+    out = run("generate-data", "--n", "-5", "--out", str(tmp_path / "g.jsonl"))
+    assert out.returncode == 2 and "expected a count >= 0" in out.stderr and "Traceback" not in out.stderr
 
 
 @needs_smollm2

@@ -90,6 +90,7 @@ def test_overrides_set_typed_values(tmp_path):
             "zero_stage 3",
         ),
         (["cluster.num_workers=0"], "cluster.num_workers", "must be positive"),
+        (["data.seed=-1"], "data.seed", "must be >= 0"),
         (["name=a/b"], "name", "plain directory name"),
         (["model.path="], "model.path", "must name"),
         (["data.sources.3.path=x"], "data.sources.3", "no list item 3"),

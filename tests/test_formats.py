@@ -169,3 +169,29 @@ def test_bad_records_name_their_reason(record, fmt, reason):
 def test_detection_needs_a_telling_record():
     assert detect_format([{"text": "raw"}]) is None
     assert detect_format([["junk"], {"messages": []}]) == "messages"
+
+
+def test_tool_calls_are_kept_beside_or_instead_of_text():
+    calls = [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    for content, starts in (("", '[{"type"'), (None, '[{"type"'), ("Let me look.", "Let me look.\n[{")):
+        rec = {
+            "messages": [
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": content, "tool_calls": calls},
+                {"role": "tool", "content": "r"},
+                {"role": "assistant", "content": "a"},
+            ]
+        }
+        msg = normalise(rec, "messages").messages[1]["content"]
+        assert msg.startswith(starts) and '"name": "f"' in msg
+
+
+def test_custom_role_names_ignore_case():
+    rec = {
+        "conversations": [
+            {"from": "NARRATOR", "value": "s"},
+            {"from": "human", "value": "q"},
+            {"from": "gpt", "value": "a"},
+        ]
+    }
+    assert normalise(rec, "sharegpt", roles={"Narrator": "system"}).messages[0]["role"] == "system"

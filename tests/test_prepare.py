@@ -16,7 +16,7 @@ from infinitune.data_pipeline.prepare import SKIPPED_REPORT, prepare
 from infinitune.data_pipeline.shards import iter_shard, read_manifest
 from infinitune.data_pipeline.template import IGNORE, ChatEncoder
 from infinitune.data_pipeline.tokenizer import resolve_chat_template, tokenizer_fingerprint
-from infinitune.typed_config import from_dict
+from infinitune.typed_config import ConfigError, from_dict
 
 from .conftest import needs_smollm2, shared_data, write_jsonl
 
@@ -252,7 +252,7 @@ def test_prepare_replaces_old_shards_but_not_a_foreign_directory(tmp_path, tiny_
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("precious")
-    with pytest.raises(DataError, match="refusing to replace"):
+    with pytest.raises(ConfigError, match="refusing to replace"):
         prepare(
             data_config(tmp_path, [{"path": str(src)}], shards_dir=str(foreign)),
             tiny_tokenizer,
@@ -276,3 +276,39 @@ def test_real_data_with_smollm2(tmp_path, smol_tokenizer, name, fmt):
     assert acc["records"] == acc["kept"] + sum(acc["dropped"].values())
     assert acc["kept"] >= 0.98 * n
     assert manifest.splits["train"].totals(1024)["packing_efficiency"] > 0.98
+
+
+def test_output_and_template_problems_are_refused_before_any_work(tmp_path, tiny_tokenizer):
+    src = write_jsonl(tmp_path / "s.jsonl", (synthetic.make_record(0, i) for i in range(10)))
+    with pytest.raises(ConfigError, match=r"data\.shards_dir: prepare writes to a local"):
+        prepare(data_config(tmp_path, [{"path": str(src)}], shards_dir="s3://bucket/x"), tiny_tokenizer)
+    with pytest.raises(ConfigError, match=r"data\.chat_template: the chat template does not compile"):
+        prepare(
+            data_config(tmp_path, [{"path": str(src)}], chat_template="{% for m in messages %}{{ m"),
+            tiny_tokenizer,
+        )
+    assert not list(tmp_path.glob("shards*"))
+
+
+def test_csv_through_datasets_and_one_object_json(tmp_path, tiny_tokenizer):
+    import csv
+
+    with open(tmp_path / "d.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, ["instruction", "input", "output"])
+        w.writeheader()
+        for i in range(30):
+            r = synthetic.make_record(2, i)
+            w.writerow({k: r[k] for k in ("instruction", "input", "output")})
+    manifest = prepare(
+        data_config(tmp_path, [{"path": str(tmp_path / "d.csv")}]), tiny_tokenizer, num_proc=1, progress=False
+    )
+    assert manifest.sources[0]["format"] == "alpaca" and manifest.sources[0]["kept"] == 30
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({"data": [synthetic.make_record(0, 0)]}, indent=2))
+    with pytest.raises(DataError, match="holds one JSON object, not records"):
+        prepare(
+            data_config(tmp_path, [{"path": str(one)}], shards_dir=str(tmp_path / "s2")),
+            tiny_tokenizer,
+            num_proc=1,
+            progress=False,
+        )

@@ -147,3 +147,18 @@ def test_chat_template_override_from_a_file(tiny_tokenizer, tmp_path):
     assert resolve_chat_template(tiny_tokenizer, str(path)) == FALLBACK_CHAT_TEMPLATE
     with pytest.raises(ValueError, match="neither a Jinja template nor an existing template file"):
         resolve_chat_template(tiny_tokenizer, str(tmp_path / "absent.jinja"))
+
+
+def test_an_answer_token_merged_with_the_prompts_space_is_trained(tiny_tokenizer):
+    """A generation prompt ending in a space ("Assistant: "): byte-level BPE merges " 4" into one token,
+    which starts inside the prompt's text; it is still the answer's first token and must carry loss."""
+    template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}{{ 'User: ' + m['content'] + '\\n' }}"
+        "{% else %}{{ 'Assistant: ' + m['content'] + eos_token + '\\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
+    )
+    enc = ChatEncoder(tiny_tokenizer, template)
+    conv = normalise({"instruction": "What is 2 + 2?", "output": "4"}, "alpaca")
+    ((ids, labels),) = enc.encode([conv])
+    trained = tiny_tokenizer.decode(ids[labels != IGNORE])
+    assert trained.strip() == "4<|im_end|>"

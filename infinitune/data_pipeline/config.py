@@ -112,3 +112,4 @@ class DataConfig:
         require(self.num_proc >= 0, "num_proc", f"must be >= 0; got {self.num_proc}")
         require(self.shuffle_window > 0, "shuffle_window", f"must be positive; got {self.shuffle_window}")
         require(self.num_workers >= 0, "num_workers", f"must be >= 0; got {self.num_workers}")
+        require(self.seed >= 0, "seed", f"must be >= 0; got {self.seed}")

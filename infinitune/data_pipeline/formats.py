@@ -179,7 +179,7 @@ def _from_turns(
     text_key: str,
     roles: Mapping[str, str] | None,
 ) -> Conversation:
-    aliases = {**ROLE_ALIASES, **(roles or {})}
+    aliases = {**ROLE_ALIASES, **{k.strip().lower(): v for k, v in (roles or {}).items()}}
     messages: list[dict[str, str]] = []
     system = rec.get("system")
     if isinstance(system, str) and system.strip():
@@ -197,11 +197,13 @@ def _from_turns(
                 "unknown_role", f"turn {i} has role {raw_role!r}; known roles: {', '.join(sorted(aliases))}"
             )
         content = turn.get(text_key, turn.get("content" if text_key == "value" else "value"))
-        if content is None and role == ASSISTANT and turn.get("tool_calls"):
-            content = json.dumps(turn["tool_calls"], ensure_ascii=False)
-        if content is None:
+        calls = turn.get("tool_calls") if role == ASSISTANT else None
+        if content is None and not calls:
             raise RecordError("missing_field", f"turn {i} has no {text_key!r}")
-        messages.append({"role": role, "content": _content_text(content, f"turn {i}")})
+        text = _content_text(content, f"turn {i}") if content is not None else ""
+        if calls:  # the calls are what the model must learn to write: kept as JSON after any text
+            text = (text + "\n" if text.strip() else "") + json.dumps(calls, ensure_ascii=False)
+        messages.append({"role": role, "content": text})
     return Conversation(messages, _tools(rec))
 
 

@@ -35,6 +35,7 @@ from infinitune.data_pipeline.shards import MANIFEST, Manifest, ShardInfo, Split
 from infinitune.data_pipeline.sources import iter_records
 from infinitune.data_pipeline.template import IGNORE, ChatEncoder
 from infinitune.data_pipeline.tokenizer import pad_token_id, resolve_chat_template, tokenizer_fingerprint
+from infinitune.typed_config import ConfigError
 from infinitune.version import __version__
 
 log = logging.getLogger(__name__)
@@ -221,13 +222,26 @@ def _bounded_ordered_map(pool: ProcessPoolExecutor, fn, items: Iterator, in_flig
         yield pending.popleft().result()
 
 
+def _check_output_dir(shards_dir: str) -> Path:
+    """Refuse, before any work, a shards_dir that prepare cannot write or must not replace."""
+    if "://" in shards_dir or shards_dir.startswith("pipe:"):
+        raise ConfigError(
+            "data.shards_dir",
+            f"prepare writes to a local or mounted directory, not {shards_dir}; prepare locally, copy the "
+            "directory (e.g. `aws s3 sync`), and point training's data.shards_dir at the URL",
+        )
+    final = Path(shards_dir)
+    if final.exists() and (not final.is_dir() or (any(final.iterdir()) and not (final / MANIFEST).exists())):
+        raise ConfigError(
+            "data.shards_dir",
+            f"{final} exists and is not a shards directory (no manifest.json); refusing to replace it. Choose an "
+            "empty or new directory.",
+        )
+    return final
+
+
 def _replace_dir(tmp: Path, final: Path) -> None:
     if final.exists():
-        if any(final.iterdir()) and not (final / MANIFEST).exists():
-            raise DataError(
-                f"data.shards_dir: {final} exists, is not empty and holds no manifest.json; refusing to replace "
-                "it. Choose an empty or new directory."
-            )
         old = final.with_name(f"{final.name}.old-{os.getpid()}")
         final.rename(old)
         tmp.rename(final)
@@ -248,7 +262,12 @@ def prepare(
     from tqdm import tqdm
 
     chat_template = resolve_chat_template(tokenizer, cfg.chat_template)
-    final = Path(cfg.shards_dir)
+    try:
+        ChatEncoder(tokenizer, chat_template, cfg.train_on)
+    except Exception as e:  # jinja2's TemplateSyntaxError and friends
+        key = "data.chat_template" if cfg.chat_template else "model.path"
+        raise ConfigError(key, f"the chat template does not compile: {type(e).__name__}: {e}") from None
+    final = _check_output_dir(cfg.shards_dir)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -281,6 +300,19 @@ def prepare(
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
+    try:
+        manifest = _finish(cfg, tokenizer, chat_template, results, tmp)
+        _replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _finish(
+    cfg: DataConfig, tokenizer: Any, chat_template: str, results: list[ChunkResult], tmp: Path
+) -> Manifest:
+    """Write the skipped-records report and, last, the manifest into `tmp`."""
 
     manifest = Manifest(
         seq_len=cfg.seq_len,
@@ -315,7 +347,6 @@ def prepare(
             for row in skipped:
                 f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
     (tmp / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")  # last: its presence means complete
-    _replace_dir(tmp, final)
     return manifest
 
 

@@ -164,6 +164,15 @@ def write_shard(path: str, rows: Iterable[dict[str, np.ndarray]], stats: dict[st
     The tar is byte-for-byte reproducible (fixed mtime and owner), so the same input always gives the same
     sha256 whatever the number of processes.
     """
+    try:
+        return _write_shard(path, rows, stats)
+    except OSError as e:  # a full disk, a read-only or vanished directory
+        raise DataError(
+            f"{path}: cannot write the shard ({e}); free space or fix the directory and re-run"
+        ) from None
+
+
+def _write_shard(path: str, rows: Iterable[dict[str, np.ndarray]], stats: dict[str, int]) -> ShardInfo:
     import webdataset as wds
 
     tmp = path + ".partial"

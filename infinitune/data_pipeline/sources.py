@@ -18,6 +18,8 @@ from infinitune.data_pipeline.config import SourceConfig
 from infinitune.data_pipeline.errors import DataError, RecordError
 
 _FILE_SUFFIXES = (".json", ".jsonl", ".parquet")
+# Other local files, read through `datasets` with the builder for their type.
+_BUILDERS = {".csv": "csv", ".tsv": "csv", ".arrow": "arrow", ".gz": "json", ".zst": "json", ".xz": "json"}
 # A lone surrogate is how `surrogateescape` decoding marks a byte that is not valid UTF-8.
 _BAD_BYTE = re.compile("[\udc80-\udcff]")
 
@@ -34,9 +36,11 @@ def source_files(src: SourceConfig, key: str) -> list[Path] | None:
     if p.is_dir():
         if any((p / marker).exists() for marker in ("dataset_info.json", "state.json", "dataset_dict.json")):
             return None  # written by save_to_disk
-        files = sorted(f for f in p.rglob("*") if f.suffix in _FILE_SUFFIXES and f.is_file())
+        files = sorted(f for f in p.rglob("*") if f.suffix in (*_FILE_SUFFIXES, *_BUILDERS) and f.is_file())
         if not files:
-            raise DataError(f"{key}: the directory {path} holds no .json, .jsonl or .parquet file")
+            raise DataError(
+                f"{key}: the directory {path} holds no .json, .jsonl, .parquet, .csv or .arrow file"
+            )
         return files
     if p.is_file():
         return [p]
@@ -55,8 +59,12 @@ def iter_records(src: SourceConfig, key: str) -> Iterator[tuple[str, Any]]:
             yield from _iter_parquet(f)
         elif f.suffix in (".json", ".jsonl"):
             yield from _iter_json(f)
+        elif f.suffix in _BUILDERS:
+            yield from _iter_datasets_file(f, key)
         else:
-            yield from _iter_hf(SourceConfig(path=str(f), split=src.split), key)
+            raise DataError(
+                f"{key}: cannot read {f} (suffix {f.suffix!r}); use JSON, JSONL, parquet, CSV or Arrow files"
+            )
 
 
 def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
@@ -84,7 +92,19 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as e:
+                if lineno == 1 and path.suffix == ".json" and _is_one_object(path):
+                    raise DataError(
+                        f"{path}: holds one JSON object, not records; put the records in a top-level array "
+                        "[{...}, {...}] or write one record per line (JSONL)"
+                    ) from None
                 yield where, RecordError("bad_json", f"{e.msg} at column {e.colno}")
+
+
+def _is_one_object(path: Path) -> bool:
+    try:
+        return isinstance(json.loads(path.read_bytes()), dict)
+    except ValueError:
+        return False
 
 
 def _iter_json_array(path: Path) -> Iterator[tuple[str, Any]]:
@@ -137,10 +157,30 @@ def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
     except Exception as e:  # pyarrow's errors are of several types
         raise DataError(f"{path}: not a readable parquet file ({e})") from None
     index = 0
-    for batch in pf.iter_batches(batch_size=2048):
+    batches = pf.iter_batches(batch_size=2048)
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as e:  # a damaged row group in the middle of the file
+            raise DataError(f"{path}#row{index}: the parquet file is damaged from here on ({e})") from None
+        if batch is None:
+            return
         for row in batch.to_pylist():
             yield f"{path}#row{index}", row
             index += 1
+
+
+def _iter_datasets_file(path: Path, key: str) -> Iterator[tuple[str, Any]]:
+    import datasets
+
+    builder = _BUILDERS[path.suffix]
+    kwargs = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    except Exception as e:  # datasets raises many types; the user needs the file and the cause
+        raise DataError(f"{key}: `datasets` cannot read {path} as {builder}: {e}") from None
+    for index, row in enumerate(ds):
+        yield f"{path}#row{index}", row
 
 
 def _iter_hf(src: SourceConfig, key: str) -> Iterator[tuple[str, Any]]:

@@ -56,7 +56,9 @@ class GlobalOrder:
         self.shard_offsets = np.concatenate([[0], np.cumsum(self.counts)])
         self.num_samples = int(self.shard_offsets[-1])
         if self.num_samples == 0:
-            raise DataError("the split has no samples; add data or lower data.val_fraction")
+            raise DataError(
+                "the split has no samples: add data (for the train split) or raise data.val_fraction (for val)"
+            )
         self.seed, self.shuffle, self.window = seed, shuffle, window
         self._epochs: dict[int, _Epoch] = {}
         self._windows: dict[tuple[int, int], np.ndarray] = {}

@@ -125,9 +125,7 @@ class ChatEncoder:
             ids = np.asarray(encoding.ids, dtype=np.int32)
             trained = np.zeros(len(ids), dtype=bool)
             for lo, hi in r[1]:
-                trained[
-                    _first_token_from(encoding, lo, len(r[0])) : _first_token_from(encoding, hi, len(r[0]))
-                ] = True
+                trained[_span_to_tokens(encoding, lo, hi, len(r[0]))] = True
             # The first token of a document is never predicted: in a packed sequence the position before it
             # belongs to another document.
             if len(trained):
@@ -139,14 +137,23 @@ class ChatEncoder:
         return out
 
 
-def _first_token_from(encoding: Any, char: int, length: int) -> int:
-    """Index of the first token that starts at or after character `char` (a token starting before it and
-    reaching into it belongs to what precedes the boundary)."""
-    if char >= length:
-        return len(encoding.ids)
+def _span_to_tokens(encoding: Any, lo: int, hi: int, length: int) -> slice:
+    """The tokens that carry characters [lo, hi). A token reaching across either edge is included: at the
+    start, a merged " 4" after a prompt ending in a space is the answer's first token; at the end, a token
+    holding the end-of-turn marker and a newline is still the end of the turn."""
+    first = _token_at(encoding, lo)
+    if hi >= length:
+        return slice(first, len(encoding.ids))
+    last = _token_at(encoding, hi)
+    start, _ = encoding.token_to_chars(last) if last < len(encoding.ids) else (hi, hi)
+    return slice(first, last + 1 if start < hi else last)
+
+
+def _token_at(encoding: Any, char: int) -> int:
+    """The token holding character `char`, or the next one if none does (a character the normaliser
+    dropped)."""
     token = encoding.char_to_token(char)
-    if token is None:  # a character the normaliser removed: find the next token by its offsets
-        starts = [start for start, _ in encoding.offsets]
-        return int(np.searchsorted(starts, char, side="left"))
-    start, _ = encoding.token_to_chars(token)
-    return token if start >= char else token + 1
+    if token is None:
+        ends = [end for _, end in encoding.offsets]
+        return int(np.searchsorted(ends, char, side="right"))
+    return token

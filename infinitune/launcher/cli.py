@@ -19,6 +19,16 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides such as train.lr=1e-4")
 
 
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a count >= 0, got {text!r}")
+    return n
+
+
 def cmd_generate_data(args: argparse.Namespace) -> int:
     from infinitune.data_pipeline import synthetic
 
@@ -112,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "generate-data", help="write synthetic instruction tasks with checkable answers (JSONL)"
     )
-    p.add_argument("--n", type=int, required=True, help="number of records")
+    p.add_argument("--n", type=_count, required=True, help="number of records")
     p.add_argument("--seed", type=int, default=0, help="stream seed (use another seed for held-out tasks)")
     p.add_argument("--out", required=True, help="output .jsonl file")
     p.add_argument("--format", choices=["alpaca", "messages"], default="alpaca")

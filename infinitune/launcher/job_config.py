@@ -84,6 +84,8 @@ def load_job_config(path: str | os.PathLike, overrides: list[str] | tuple[str, .
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ConfigError("", f"{path}: not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError("", f"{path}: not UTF-8 text (byte {e.start}); save the config as UTF-8") from None
     if not isinstance(data, dict):
         raise ConfigError("", f"{path}: a job config must be a mapping of sections (name, model, data, ...)")
     try:
@@ -100,6 +102,19 @@ def model_max_positions(model: ModelConfig) -> int | None:
     """The model's context length from its config.json or GGUF header, without loading weights."""
     if model.max_position_embeddings:
         return model.max_position_embeddings
+    try:
+        return _read_max_positions(model)
+    except ConfigError:
+        raise
+    except Exception as e:  # a damaged config.json or GGUF header, an unreachable hub
+        raise ConfigError(
+            "model.path",
+            f"cannot read the model's context length from {model.path} ({type(e).__name__}: {e}); fix the path, or "
+            "set model.max_position_embeddings",
+        ) from None
+
+
+def _read_max_positions(model: ModelConfig) -> int | None:
     from infinitune.data_pipeline.tokenizer import resolve_model_source
 
     source, gguf = resolve_model_source(model.path, model.gguf_file)

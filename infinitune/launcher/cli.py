@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from infinitune.typed_config import ConfigError
 
@@ -78,6 +79,71 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_workers(cfg, run_dir: Path) -> int:
+    from infinitune.data_pipeline.shards import read_manifest
+    from infinitune.launcher.job_config import save_job_config
+    from infinitune.launcher.local import start_workers, wait_workers
+    from infinitune.trainer.preemption import EXIT_PREEMPTED
+
+    read_manifest(cfg.data.shards_dir)  # shards must exist before workers start
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "config.yaml"
+    save_job_config(cfg, config_path)
+    print(f"run directory: {run_dir}\ntensorboard:   tensorboard --logdir {run_dir / 'tensorboard'}")
+    code = wait_workers(start_workers(config_path, cfg.cluster.num_workers))
+    if code == 0:
+        print(
+            f"done: checkpoints in {run_dir / 'checkpoints'}; export with `infinitune export {run_dir} --out DIR`"
+        )
+    elif code == EXIT_PREEMPTED:
+        print(
+            f"stopped with a complete checkpoint; continue with `infinitune resume {run_dir}`",
+            file=sys.stderr,
+        )
+    else:
+        print(
+            f"training failed (exit {code}); continue from the last checkpoint with `infinitune resume {run_dir}`",
+            file=sys.stderr,
+        )
+    return code
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from infinitune.launcher.job_config import check_against_model, load_job_config
+
+    cfg = load_job_config(args.config, args.overrides)
+    check_against_model(cfg)
+    return _run_workers(cfg, Path(cfg.cluster.storage_path) / cfg.name)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from infinitune.launcher.job_config import load_job_config
+
+    run_dir = Path(args.run_dir)
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        raise ConfigError("", f"{run_dir} is not a run directory (no config.yaml)")
+    cfg = load_job_config(config, [*args.overrides, "checkpoint.resume=auto"])
+    return _run_workers(cfg, run_dir)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from infinitune.trainer.export import export
+
+    out = export(args.run_dir, args.out, step=args.step, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    print(
+        f"exported to {out}\n  transformers: AutoModelForCausalLM.from_pretrained('{out}')\n  vLLM: vllm serve {out}"
+    )
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from infinitune.trainer.export import generate
+
+    print(generate(args.model_dir, args.prompt, max_new_tokens=args.max_new_tokens, system=args.system))
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from infinitune.launcher.job_config import JobConfig, check_against_model, load_job_config
     from infinitune.typed_config import describe
@@ -135,6 +201,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-proc", type=int, default=None, help="processes (default: data.num_proc)")
     p.set_defaults(func=cmd_prepare)
 
+    p = sub.add_parser(
+        "train", help="fine-tune: the job's workers on this machine (DeepSpeed over gloo/NCCL)"
+    )
+    _add_overrides(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "resume", help="continue a stopped or preempted run from its newest complete checkpoint"
+    )
+    p.add_argument("run_dir", help="the run directory (cluster.storage_path/name)")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="e.g. train.max_steps=2000 to extend a run"
+    )
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser(
+        "export", help="a run's checkpoint -> an HF directory (safetensors, tokenizer), LoRA merged"
+    )
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument(
+        "--step", type=int, default=None, help="checkpoint step (default: the newest complete one)"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        default=None,
+        help="weights dtype (default: model.dtype)",
+    )
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("generate", help="answer a prompt with a model directory (chat template applied)")
+    p.add_argument("model_dir")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--system", default=None, help="a system message")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.set_defaults(func=cmd_generate)
+
     p = sub.add_parser("config", help="print the config reference, or a config resolved and checked")
     p.add_argument("config", nargs="?", default=None, help="a YAML job config to check and print resolved")
     p.add_argument("overrides", nargs="*", metavar="key=value")
@@ -152,9 +257,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from infinitune.data_pipeline.errors import DataError
     from infinitune.data_pipeline.tokenizer import ModelSourceError
 
+    known: tuple[type[Exception], ...] = (ConfigError, DataError, ModelSourceError)
+    if args.command in ("export", "generate"):
+        from infinitune.trainer.export import ExportError
+
+        known = (*known, ExportError, OSError)
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelSourceError) as e:
+    except known as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

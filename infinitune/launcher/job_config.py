@@ -68,8 +68,6 @@ class JobConfig:
                 f"({self.train.micro_batch_size} x {self.cluster.num_workers} = {per_pass}); "
                 f"got {self.train.global_batch_size}",
             )
-        if self.deepspeed.precision == "fp32" and self.model.dtype != "float32":
-            raise ConfigError("model.dtype", "deepspeed.precision fp32 needs model.dtype float32")
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

@@ -56,3 +56,43 @@ def train_tiny_tokenizer(
         fast.chat_template = chat_template
     fast.save_pretrained(str(out_dir))
     return fast
+
+
+def save_tiny_llama(
+    out_dir: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    layers: int = 2,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    max_positions: int = 1024,
+    seed: int = 0,
+    tie_embeddings: bool = False,
+) -> Path:
+    """A small Llama built from a config (random weights) saved as a complete HF model directory, with the
+    tokenizer beside it (trained here when none is given)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir)) if tokenizer_dir else train_tiny_tokenizer(out)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=hidden * 4,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=tie_embeddings,
+        use_cache=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out

@@ -46,7 +46,7 @@ class ModelConfig:
     """Where the tokenizer is, if not beside the model."""
 
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    """Parameter dtype for training (see deepspeed.precision) and for export."""
+    """Dtype of the exported weights (training computes in deepspeed.precision)."""
 
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
     """Attention kernel. Every choice respects packed documents (position_ids restart per document)."""
@@ -107,10 +107,19 @@ class TrainConfig:
     early_stopping_patience: int = 0
     """Stop after this many evaluations without a better validation loss (0: never)."""
 
+    eval_generations: int = 4
+    """Validation prompts answered greedily at each evaluation: logged as TensorBoard text and scored by exact
+    match against the reference answer."""
+
+    max_new_tokens: int = 64
+    """Longest generated answer in evaluation."""
+
     seed: int = 0
-    """Seed for model initialisation, dropout and the data order."""
+    """Seed for model initialisation (LoRA), dropout and per-rank random state."""
 
     def __post_init__(self):
+        require(self.eval_generations >= 0, "eval_generations", f"must be >= 0; got {self.eval_generations}")
+        require(self.max_new_tokens > 0, "max_new_tokens", f"must be positive; got {self.max_new_tokens}")
         for name in ("global_batch_size", "micro_batch_size", "max_steps"):
             require(getattr(self, name) > 0, name, f"must be positive; got {getattr(self, name)}")
         require(
@@ -151,6 +160,10 @@ class DeepSpeedConfig:
 
     nvme_path: str | None = None
     """Directory for NVMe offload."""
+
+    param_persistence_threshold: int = 100_000
+    """ZeRO-3 keeps parameters with fewer elements than this whole on every rank (norms, biases). Tiny test
+    models need 0 to be partitioned at all."""
 
     def __post_init__(self):
         require(
@@ -203,6 +216,10 @@ class LoggingConfig:
 
     peak_tflops: float | None = None
     """The device's peak TFLOP/s for MFU, when it is not in the table of known accelerators."""
+
+    save_logits_probe: bool = False
+    """At the end, save the model's logits on the first validation micro-batch to RUN_DIR/logits_probe.pt, to
+    check an export against the engine."""
 
     def __post_init__(self):
         require(self.log_every > 0, "log_every", f"must be positive; got {self.log_every}")

@@ -1,0 +1,264 @@
+"""Resumable checkpoints: complete or ignored, never half.
+
+Layout of `checkpoints/step_000120/`: DeepSpeed's shards (each rank its own), `rng.rank{r}.pt` (each rank's
+random state), `trainer_state.json` (step, data position, ..., the resolved config), `hf/` (the model's config
+and tokenizer, so export needs nothing else), one `files.rank{r}.json` per rank listing the files it wrote with
+size and sha256, and last, written by rank 0 once every rank's list exists, `COMPLETE.json`. Then `latest`
+names the new step, and only then are older checkpoints beyond `keep_last` deleted.
+
+Loading takes the newest checkpoint whose marker is present and whose files match it; a damaged or partial
+one is reported and the previous one used. Our own files are read with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from infinitune.trainer import distributed, faults
+
+log = logging.getLogger(__name__)
+
+COMPLETE = "COMPLETE.json"
+STATE = "trainer_state.json"
+LATEST = "latest"
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_RANK_FILE = re.compile(r"(?:zero_pp_rank_|rank_|\.rank)(\d+)[._]")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step_{step:06d}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _owner(relative: str) -> int:
+    """The rank that wrote a file of a checkpoint: named in DeepSpeed's and our file names, else rank 0."""
+    m = _RANK_FILE.search(os.path.basename(relative))
+    return int(m.group(1)) if m else 0
+
+
+def _files_of(directory: Path, rank: int) -> list[str]:
+    markers = {COMPLETE} | {p.name for p in directory.glob("files.rank*.json")}
+    out = []
+    for p in sorted(directory.rglob("*")):
+        rel = p.relative_to(directory).as_posix()
+        if p.is_file() and rel not in markers and _owner(rel) == rank:
+            out.append(rel)
+    return out
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random state, in types `torch.load(weights_only=True)` accepts."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _listing_problem(directory: Path, rank: int, expected_sha: str | None, verify: str) -> str | None:
+    listing_path = directory / f"files.rank{rank}.json"
+    try:
+        if expected_sha is not None and _sha256(listing_path) != expected_sha:
+            return f"{listing_path.name} does not match the marker"
+        listing = json.loads(listing_path.read_text())
+    except (OSError, ValueError) as e:
+        return f"{listing_path.name} unreadable ({e})"
+    for rel, want in listing.items():
+        path = directory / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        if path.stat().st_size != want["bytes"]:
+            return f"{rel} has {path.stat().st_size} bytes, the marker says {want['bytes']} (truncated)"
+        if verify == "sha256" and _sha256(path) != want["sha256"]:
+            return f"{rel} does not match its sha256 (corrupted)"
+    return None
+
+
+def _read_marker(directory: Path) -> tuple[dict[str, Any] | None, str | None]:
+    marker = directory / COMPLETE
+    if not marker.exists():
+        return None, "no completeness marker (the save did not finish)"
+    try:
+        complete = json.loads(marker.read_text())
+        if not isinstance(complete.get("world_size"), int) or not isinstance(complete.get("ranks"), dict):
+            return None, "marker lacks world_size or ranks"
+        return complete, None
+    except (OSError, ValueError, KeyError) as e:
+        return None, f"unreadable marker ({e})"
+
+
+def checkpoint_problem(directory: Path, verify: str = "size") -> str | None:
+    """Why a checkpoint cannot be used, checking every rank's files in this one process; None if whole."""
+    if not directory.is_dir():
+        return "no such checkpoint directory"
+    complete, problem = _read_marker(directory)
+    if complete is None:
+        return problem
+    for rank in range(complete["world_size"]):
+        problem = _listing_problem(directory, rank, complete["ranks"].get(str(rank)), verify)
+        if problem:
+            return problem
+    return None
+
+
+class Checkpointer:
+    """save(step, ...) and load(...) -> trainer state or None, for all ranks together (collective calls)."""
+
+    def __init__(
+        self, root: str | Path, rank: int, world_size: int, keep_last: int = 2, verify: str = "sha256"
+    ):
+        self.root = Path(root)
+        self.rank, self.world_size = rank, world_size
+        self.keep_last, self.verify = keep_last, verify
+
+    # -- saving ---------------------------------------------------------------------------------------------
+
+    def save(self, step: int, engine, trainer_state: dict[str, Any], hf_files: dict[str, bytes]) -> Path:
+        """Write checkpoint `step` with every rank; returns its directory once it is complete."""
+        directory = step_dir(self.root, step)
+        if self.rank == 0:
+            if directory.exists():  # debris of an attempt that died before completing: never loaded
+                shutil.rmtree(directory)
+            self.root.mkdir(parents=True, exist_ok=True)
+        distributed.barrier()
+        engine.save_checkpoint(str(self.root), tag=directory.name, save_latest=False)
+        torch.save(rng_state(), directory / f"rng.rank{self.rank}.pt")
+        if self.rank == 0:
+            _write_json_atomic(directory / STATE, {**trainer_state, "format_version": FORMAT_VERSION})
+            for name, data in hf_files.items():
+                (directory / "hf" / name).parent.mkdir(parents=True, exist_ok=True)
+                (directory / "hf" / name).write_bytes(data)
+        faults.maybe_fail("during_save", step, self.rank)
+        distributed.barrier()
+        listing = {
+            rel: {"bytes": (directory / rel).stat().st_size, "sha256": _sha256(directory / rel)}
+            for rel in _files_of(directory, self.rank)
+        }
+        _write_json_atomic(directory / f"files.rank{self.rank}.json", listing)
+        distributed.barrier()
+        if self.rank == 0:
+            ranks = {r: _sha256(directory / f"files.rank{r}.json") for r in range(self.world_size)}
+            _write_json_atomic(
+                directory / COMPLETE, {"step": step, "world_size": self.world_size, "ranks": ranks}
+            )
+            (self.root / f"{LATEST}.tmp").write_text(directory.name)
+            os.replace(self.root / f"{LATEST}.tmp", self.root / LATEST)
+            self._prune(keep=directory)
+        distributed.barrier()
+        return directory
+
+    def _prune(self, keep: Path) -> None:
+        """Delete complete checkpoints beyond the newest keep_last, and debris older than the newest complete."""
+        complete = [d for _, d in self.checkpoints() if (d / COMPLETE).exists()]
+        keep_set = set(complete[-self.keep_last :]) | {keep}
+        newest = complete[-1] if complete else keep
+        for _, d in self.checkpoints():
+            if d in keep_set:
+                continue
+            if (d / COMPLETE).exists() or d.name < newest.name:
+                log.info("removing checkpoint %s", d)
+                shutil.rmtree(d, ignore_errors=True)
+
+    # -- loading --------------------------------------------------------------------------------------------
+
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        """(step, directory) of every step directory, oldest first (complete or not)."""
+        if not self.root.is_dir():
+            return []
+        found = [
+            (int(m.group(1)), d) for d in self.root.iterdir() if d.is_dir() and (m := _STEP_DIR.match(d.name))
+        ]
+        return sorted(found)
+
+    def problem(self, directory: Path) -> str | None:
+        """Why this rank cannot use the checkpoint (its own share of the files), or None."""
+        complete, problem = _read_marker(directory)
+        if complete is None:
+            return problem
+        if complete["world_size"] != self.world_size:
+            return None  # `load` refuses it, naming both sizes
+        return _listing_problem(directory, self.rank, complete["ranks"].get(str(self.rank)), self.verify)
+
+    def newest_complete(self, before: int | None = None) -> Path | None:
+        """The newest checkpoint every rank finds whole (a collective call); damaged ones are reported."""
+        for step, directory in reversed(self.checkpoints()):
+            if before is not None and step >= before:
+                continue
+            mine = self.problem(directory)
+            bad = distributed.all_reduce(0 if mine is None else 1, op="max").item()
+            if not bad:
+                return directory
+            if mine:
+                log.warning(
+                    "rank %d: checkpoint %s is not usable: %s; trying the one before",
+                    self.rank,
+                    directory,
+                    mine,
+                )
+        return None
+
+    def load(self, engine, directory: Path) -> dict[str, Any]:
+        """Restore the engine and this rank's random state from `directory`; returns the trainer state."""
+        complete = json.loads((directory / COMPLETE).read_text())
+        if complete["world_size"] != self.world_size:
+            raise CheckpointError(
+                f"{directory} was written by {complete['world_size']} workers and this run has {self.world_size}: "
+                "ZeRO's partitions of parameters and optimizer state differ. Resume with cluster.num_workers="
+                f"{complete['world_size']} (the data position itself is valid for any number of workers)."
+            )
+        loaded, _ = engine.load_checkpoint(
+            str(self.root), tag=directory.name, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if loaded is None:
+            raise CheckpointError(f"DeepSpeed could not load {directory}")
+        set_rng_state(torch.load(directory / f"rng.rank{self.rank}.pt", weights_only=True))
+        state = json.loads((directory / STATE).read_text())
+        log.info("resumed from %s (step %d)", directory, state["step"])
+        return state

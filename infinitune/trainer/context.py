@@ -1,0 +1,18 @@
+"""What the loop needs from whoever launched it, without knowing who: `cluster` implements it for Ray."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+class RunContext:
+    """The default, for torchrun and Slurm: checkpoints live in the run directory and nobody listens."""
+
+    def restore_from(self) -> Path | None:
+        """A checkpoint the launcher wants the run to continue from (Ray: the one it persisted), or None to
+        let `checkpoint.resume` decide."""
+        return None
+
+    def report(self, step: int, metrics: dict[str, Any], checkpoint: Path | None) -> None:
+        """Step metrics, and each complete checkpoint, as they happen."""

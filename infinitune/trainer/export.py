@@ -1,0 +1,197 @@
+"""Export: a checkpoint's ZeRO shards consolidated into an HF model directory that transformers and vLLM load
+as it is (sharded safetensors, config, generation config, tokenizer and chat template), LoRA merged.
+
+Nothing empty or mis-shaped is written: every tensor the architecture expects must come out of the
+checkpoint with its shape, or the export stops and says which.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from infinitune.trainer.checkpoint import COMPLETE, STATE, checkpoint_problem, step_dir
+
+log = logging.getLogger(__name__)
+WRAPPER_PREFIX = "lm."  # TokenLossModel holds the HF model as `lm`
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
+    """The checkpoint of `step`, or the newest complete one, of a run directory."""
+    root = Path(run_dir) / "checkpoints"
+    if step is not None:
+        directory = step_dir(root, step)
+        problem = checkpoint_problem(directory)
+        if problem:
+            raise ExportError(f"{directory}: not a usable checkpoint: {problem}")
+        return directory
+    candidates = sorted(root.glob("step_*"), reverse=True) if root.is_dir() else []
+    for directory in candidates:
+        problem = checkpoint_problem(directory)
+        if problem is None:
+            return directory
+        log.warning("skipping %s: %s", directory, problem)
+    raise ExportError(f"{run_dir}: no complete checkpoint under {root}")
+
+
+def consolidated_state_dict(directory: Path, zero_stage: int) -> dict[str, torch.Tensor]:
+    """The full fp32 weights from DeepSpeed's shards (every rank's), keyed as in the HF model."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    has_zero_shards = any(directory.glob("*zero_pp_rank_*_optim_states.pt"))
+    if zero_stage >= 1 or has_zero_shards:
+        state = get_fp32_state_dict_from_zero_checkpoint(str(directory.parent), tag=directory.name)
+    else:  # ZeRO stage 0 keeps the whole module in rank 0's model-states file (DeepSpeed's own format)
+        saved = torch.load(directory / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        state = {k: v.float() if v.is_floating_point() else v for k, v in saved["module"].items()}
+    if not all(k.startswith(WRAPPER_PREFIX) for k in state):
+        raise ExportError(
+            f"{directory}: unexpected parameter names {list(state)[:3]}; not an infinitune checkpoint"
+        )
+    return {k[len(WRAPPER_PREFIX) :]: v for k, v in state.items()}
+
+
+def build_from_checkpoint(directory: Path) -> tuple[torch.nn.Module, Any]:
+    """(HF model with the checkpoint's weights, LoRA merged, in fp32; tokenizer)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    trainer_state = json.loads((directory / STATE).read_text())
+    hf = directory / "hf"
+    config = AutoConfig.from_pretrained(hf)
+    state = consolidated_state_dict(directory, trainer_state["zero_stage"])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    lora_file = hf / "lora.json"
+    if lora_file.exists():
+        from peft import get_peft_model
+
+        from infinitune.trainer.config import LoraConfig, ModelConfig
+        from infinitune.trainer.model import lora_config
+
+        lora = LoraConfig(**json.loads(lora_file.read_text()))
+        model = get_peft_model(model, lora_config(ModelConfig(path=str(hf), lora=lora)))
+    _load_checked(model, state, directory)
+    if lora_file.exists():
+        model = model.merge_and_unload()
+    model.tie_weights()
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise ExportError(f"{directory}: no weights for {meta[:5]}")
+    return model, AutoTokenizer.from_pretrained(hf)
+
+
+def _load_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], directory: Path) -> None:
+    expected = model.state_dict()
+    problems = []
+    for name, tensor in state.items():
+        if name not in expected:
+            problems.append(f"{name}: not in the model")
+        elif tensor.numel() == 0:
+            problems.append(f"{name}: empty tensor")
+        elif tuple(tensor.shape) != tuple(expected[name].shape):
+            problems.append(
+                f"{name}: shape {tuple(tensor.shape)}, the model needs {tuple(expected[name].shape)}"
+            )
+    tied = _tied_names(model)
+    missing = [n for n in expected if n not in state and n not in tied]
+    problems += [f"{n}: missing from the checkpoint" for n in missing]
+    if problems:
+        raise ExportError(f"{directory}: refusing to export: " + "; ".join(problems[:10]))
+    model.load_state_dict(state, strict=False, assign=True)
+
+
+def _tied_names(model: torch.nn.Module) -> set[str]:
+    """Parameter names that share storage with another (an output layer tied to the embedding)."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "tie_word_embeddings", False):
+        return set()
+    head = model.get_output_embeddings()
+    return {f"{name}.weight" for name, module in model.named_modules() if module is head}
+
+
+def export(
+    run_dir: str | Path,
+    out: str | Path,
+    step: int | None = None,
+    dtype: str | None = None,
+    max_shard_size: str = "5GB",
+) -> Path:
+    """Write the HF directory `out` from a run's checkpoint (newest complete, or `step`)."""
+    from transformers import GenerationConfig
+
+    from infinitune.trainer.model import EXPORT_DTYPES
+
+    directory = find_checkpoint(run_dir, step)
+    model, tokenizer = build_from_checkpoint(directory)
+    settings = json.loads((directory / "hf" / "export.json").read_text())
+    dtype = dtype or settings["dtype"]
+    if dtype not in EXPORT_DTYPES:
+        raise ExportError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}; got {dtype}")
+    model = model.to(EXPORT_DTYPES[dtype])
+    model.config.use_cache = True  # serving wants the KV cache; training had it off for packing
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(out)
+    generation = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+    )
+    generation.save_pretrained(out)
+    _check_written(out, model)
+    log.info(
+        "exported %s (step %s) to %s as %s",
+        directory,
+        json.loads((directory / COMPLETE).read_text())["step"],
+        out,
+        dtype,
+    )
+    return out
+
+
+def _check_written(out: Path, model: torch.nn.Module) -> None:
+    """Read back what was written: every tensor present, non-empty, with the model's shape."""
+    from safetensors import safe_open
+
+    expected = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    seen: dict[str, tuple[int, ...]] = {}
+    for f in sorted(out.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():  # noqa: SIM118 - safe_open is not a mapping
+                seen[name] = tuple(st.get_slice(name).get_shape())
+    tied = _tied_names(model)
+    missing = [n for n in expected if n not in seen and n not in tied]
+    wrong = [n for n, shape in seen.items() if expected.get(n) != shape or 0 in shape]
+    if missing or wrong:
+        raise ExportError(
+            f"{out}: the written weights are incomplete (missing {missing[:5]}, wrong {wrong[:5]})"
+        )
+
+
+def generate(model_dir: str | Path, prompt: str, max_new_tokens: int = 128, system: str | None = None) -> str:
+    """One greedy answer from an exported (or any HF) model directory, through its chat template."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt}
+    ]
+    enc = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        out = model.generate(
+            **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()

@@ -1,0 +1,23 @@
+"""Fault injection for the fault-tolerance tests: kill this worker at a named point.
+
+Set INFINITUNE_FAULT to `POINT:STEP` or `rankR:POINT:STEP`, e.g. `after_step:7` (every rank, after step 7)
+or `rank1:during_save:10` (rank 1, halfway through writing checkpoint 10). Unset, this does nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+
+def maybe_fail(point: str, step: int, rank: int) -> None:
+    spec = os.environ.get("INFINITUNE_FAULT")
+    if not spec:
+        return
+    parts = spec.split(":")
+    if parts[0].startswith("rank"):
+        if int(parts[0][4:]) != rank:
+            return
+        parts = parts[1:]
+    if parts == [point, str(step)]:
+        os.kill(os.getpid(), signal.SIGKILL)  # no handler, no cleanup: like the OOM killer or a lost node

@@ -1,0 +1,420 @@
+"""The training loop, one function read top to bottom: batch, forward, backward, step, metrics, eval,
+checkpoint, preemption. Everything it needs is built in `setup`; everything it saves goes through the
+Checkpointer. Runs in each worker process, under torchrun, Ray Train or Slurm alike."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from infinitune.data_pipeline.config import DataConfig
+from infinitune.data_pipeline.errors import DataError
+from infinitune.data_pipeline.shards import check_tokenizer, read_manifest
+from infinitune.data_pipeline.stream import BatchLayout, StatefulLoader, verify_shards
+from infinitune.data_pipeline.template import IGNORE
+from infinitune.data_pipeline.tokenizer import load_tokenizer, resolve_chat_template, tokenizer_fingerprint
+from infinitune.trainer import distributed, faults
+from infinitune.trainer.checkpoint import Checkpointer
+from infinitune.trainer.config import (
+    CheckpointConfig,
+    DeepSpeedConfig,
+    LoggingConfig,
+    ModelConfig,
+    TrainConfig,
+)
+from infinitune.trainer.context import RunContext
+from infinitune.trainer.ds_config import deepspeed_config
+from infinitune.trainer.evaluate import (
+    as_markdown,
+    generate_answers,
+    held_out_prompts,
+    perplexity,
+    validation_loss,
+)
+from infinitune.trainer.metrics import (
+    FlopCounter,
+    MetricsWriter,
+    device_memory_gb,
+    device_peak_tflops,
+    host_rss_gb,
+)
+from infinitune.trainer.model import build_model, parameter_counts
+from infinitune.trainer.preemption import EXIT_PREEMPTED, Preemption
+from infinitune.trainer.schedule import make_scheduler
+
+log = logging.getLogger(__name__)
+EXIT_OK = 0
+
+
+@dataclass
+class TrainerSpec:
+    """The sections of the job config the worker uses, the run directory, and the whole resolved config
+    (saved into checkpoints and TensorBoard)."""
+
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    deepspeed: DeepSpeedConfig
+    checkpoint: CheckpointConfig
+    logging: LoggingConfig
+    run_dir: str
+    resolved_config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainState:
+    """Loop state that survives a restart (the engine, data stream and RNG are saved beside it)."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    trained_tokens_seen: int = 0
+    best_eval_loss: float = math.inf
+    evals_without_improvement: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k in asdict(self):
+            setattr(self, k, state[k])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train(spec: TrainerSpec, ctx: RunContext) -> int:
+    """Run (or continue) the job; returns EXIT_OK, or EXIT_PREEMPTED after a save on SIGTERM/SIGUSR1."""
+    w = setup(spec, ctx)
+    engine, state, cfg = w.engine, w.state, spec.train
+    batches = iter(w.train_loader)
+    step_loss = math.nan
+    log.info("training from step %d to %d on %d workers", state.step, cfg.max_steps, w.world)
+    while state.step < cfg.max_steps:
+        t0 = time.perf_counter()
+        micro = [next(batches) for _ in range(w.layout.accumulation)]
+        data_wait = time.perf_counter() - t0
+        # Every trained token of the global batch weighs the same: normalise by their total over all ranks
+        # (DeepSpeed then averages gradients over ranks, hence the factor world).
+        trained = distributed.all_reduce(sum(int((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro))
+        scale = w.world / max(trained.item(), 1.0)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        lr = engine.get_lr()[0]
+        for mb in micro:
+            loss, _ = engine(*(mb[k].to(w.device) for k in ("input_ids", "labels", "position_ids")))
+            engine.backward(loss * scale, scale_wrt_gas=False)
+            engine.step()
+            loss_sum += loss.detach().double().cpu()
+        state.step += 1
+        step_loss = float(distributed.all_reduce(loss_sum).item() / max(trained.item(), 1.0))
+        step_time = time.perf_counter() - t0
+        tokens = int(distributed.all_reduce(sum(mb["input_ids"].numel() for mb in micro)).item())
+        flops = float(
+            distributed.all_reduce(sum(w.flops.step_flops(mb["position_ids"]) for mb in micro)).item()
+        )
+        state.tokens_seen += tokens
+        state.trained_tokens_seen += int(trained.item())
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(
+                f"step {state.step}: loss is {step_loss}; lower train.lr or check the data"
+            )
+
+        if state.step % spec.logging.log_every == 0 or state.step == cfg.max_steps:
+            allocated, peak = device_memory_gb()
+            metrics = {
+                "train/loss": step_loss,
+                "train/lr": lr,
+                "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                "train/epoch": w.train_loader.epoch,
+                "perf/tokens_per_s": tokens / step_time,
+                "perf/trained_tokens_per_s": trained.item() / step_time,
+                "perf/mfu": flops / step_time / (w.peak_tflops * 1e12 * w.world) if w.peak_tflops else 0.0,
+                "perf/step_time_s": step_time,
+                "perf/data_wait_fraction": data_wait / step_time,
+                "memory/host_rss_gb": host_rss_gb(),
+                "memory/device_allocated_gb": allocated,
+                "memory/device_peak_gb": peak,
+            }
+            w.metrics.scalars(state.step, metrics)
+            ctx.report(state.step, metrics, None)
+        faults.maybe_fail("after_step", state.step, w.rank)
+
+        stop = False
+        if cfg.eval_every and (state.step % cfg.eval_every == 0 or state.step == cfg.max_steps):
+            stop = evaluate(w, spec, state, ctx)
+        preempted = w.preemption.requested()
+        every = spec.checkpoint.every_steps
+        if preempted or stop or state.step == cfg.max_steps or (every and state.step % every == 0):
+            save(w, spec, state, ctx)
+        if preempted:
+            log.warning(
+                "stopped at step %d on %s with a complete checkpoint", state.step, w.preemption.signal_name
+            )
+            return EXIT_PREEMPTED
+        if stop:
+            log.info("early stop at step %d: validation loss has not improved", state.step)
+            break
+    if spec.logging.save_logits_probe:
+        save_logits_probe(w, spec)
+    w.metrics.hparams(
+        {k: v for k, v in flat(spec.resolved_config).items()},
+        {
+            "hparam/final_loss": step_loss,
+            "hparam/best_eval_loss": state.best_eval_loss,
+        },
+    )
+    w.metrics.close()
+    return EXIT_OK
+
+
+def evaluate(w: Workspace, spec: TrainerSpec, state: TrainState, ctx: RunContext) -> bool:
+    """Validation loss and perplexity, and greedy answers; returns whether early stopping says stop."""
+    loss, _ = validation_loss(w.engine, w.val_loader)
+    metrics = {"eval/loss": loss, "eval/ppl": perplexity(loss)}
+    if w.prompts:
+        rows = generate_answers(
+            w.lm, w.tokenizer, w.prompts, spec.train.max_new_tokens, w.zero3 and w.world > 1
+        )
+        metrics["eval/exact_match"] = sum(r["exact_match"] for r in rows) / len(rows)
+        w.metrics.text(state.step, "eval/generations", as_markdown(rows))
+    w.metrics.scalars(state.step, metrics)
+    ctx.report(state.step, metrics, None)
+    if loss < state.best_eval_loss:
+        state.best_eval_loss, state.evals_without_improvement = loss, 0
+    else:
+        state.evals_without_improvement += 1
+    patience = spec.train.early_stopping_patience
+    return bool(patience and state.evals_without_improvement >= patience)
+
+
+def save(w: Workspace, spec: TrainerSpec, state: TrainState, ctx: RunContext) -> None:
+    t0 = time.perf_counter()
+    trainer_state = {
+        **state.state_dict(),
+        "data": w.train_loader.state_dict(),
+        "world_size": w.world,
+        "zero_stage": spec.deepspeed.zero_stage,
+        "config": spec.resolved_config,
+    }
+    directory = w.checkpointer.save(state.step, w.engine, trainer_state, w.hf_files)
+    blocked = time.perf_counter() - t0
+    w.metrics.scalars(state.step, {"perf/checkpoint_s": blocked})
+    ctx.report(state.step, {"perf/checkpoint_s": blocked}, directory)
+
+
+@dataclass
+class Workspace:
+    """Everything the loop works with, built once by `setup`."""
+
+    rank: int
+    world: int
+    device: torch.device
+    layout: BatchLayout
+    engine: Any
+    lm: Any  # the HF (or peft) model inside the engine, for generation
+    tokenizer: Any
+    train_loader: StatefulLoader
+    val_loader: StatefulLoader
+    prompts: list
+    checkpointer: Checkpointer
+    metrics: MetricsWriter
+    preemption: Preemption
+    flops: FlopCounter
+    peak_tflops: float
+    zero3: bool
+    hf_files: dict[str, bytes]
+    state: TrainState
+
+
+def setup(spec: TrainerSpec, ctx: RunContext) -> Workspace:
+    rank, world = distributed.init_distributed()
+    seed_everything(spec.train.seed + rank)  # dropout differs per rank; what must agree is seeded apart
+    import deepspeed
+
+    tokenizer = load_tokenizer(
+        spec.model.tokenizer or spec.model.path, None if spec.model.tokenizer else spec.model.gguf_file
+    )
+    base = spec.data.shards_dir
+    manifest = read_manifest(base)
+    check_tokenizer(
+        manifest,
+        tokenizer_fingerprint(tokenizer),
+        resolve_chat_template(tokenizer, spec.data.chat_template),
+        base,
+    )
+    check_shards(base, manifest, spec.data.verify, rank, world)
+    layout = BatchLayout(spec.train.global_batch_size, world, spec.train.micro_batch_size)
+
+    ds_config = deepspeed_config(spec.deepspeed, spec.train, layout)
+    model = build_model(spec.model, spec.deepspeed, ds_config, spec.train.seed)
+    trainable, frozen = parameter_counts(model)
+    optimizer = None
+    params = [p for p in model.parameters() if p.requires_grad]
+    if spec.deepspeed.offload_optimizer == "none":
+        optimizer = torch.optim.AdamW(
+            params, lr=spec.train.lr, betas=tuple(spec.train.betas), weight_decay=spec.train.weight_decay
+        )
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        model_parameters=params if optimizer is None else None,
+        lr_scheduler=(lambda opt: make_scheduler(opt, spec.train)),
+        config=ds_config,
+    )
+
+    data = spec.data
+    train_loader = StatefulLoader(
+        base,
+        "train",
+        layout=layout,
+        rank=rank,
+        manifest=manifest,
+        seed=data.seed,
+        shuffle=data.shuffle,
+        shuffle_window=data.shuffle_window,
+        num_workers=data.num_workers,
+    )
+    val_samples = manifest.splits["val"].samples if "val" in manifest.splits else 0
+    val_layout = BatchLayout(world * spec.train.micro_batch_size, world, spec.train.micro_batch_size)
+    val_loader = (
+        StatefulLoader(
+            base,
+            "val",
+            layout=val_layout,
+            rank=rank,
+            manifest=manifest,
+            shuffle=False,
+            num_workers=0,
+            end=val_samples,
+        )
+        if val_samples
+        else None
+    )
+    if spec.train.eval_every and val_loader is None:
+        raise DataError(
+            f"{base}: train.eval_every is set but the shards have no validation split; raise "
+            "data.val_fraction and re-run prepare, or set train.eval_every=0"
+        )
+
+    run_dir = Path(spec.run_dir)
+    checkpointer = Checkpointer(run_dir / "checkpoints", rank, world, spec.checkpoint.keep_last)
+    state = TrainState()
+    restore = ctx.restore_from() or resume_target(spec.checkpoint.resume, checkpointer)
+    if restore is not None:
+        saved = checkpointer.load(engine, Path(restore))
+        state.load_state_dict(saved)
+        train_loader.load_state_dict(saved["data"])
+
+    peak, peak_source = device_peak_tflops(spec.logging.peak_tflops)
+    metrics = MetricsWriter(run_dir, enabled=rank == 0, tensorboard=spec.logging.tensorboard)
+    if restore is None and rank == 0:
+        import yaml
+
+        metrics.text(0, "config", "```yaml\n" + yaml.safe_dump(spec.resolved_config, sort_keys=False) + "```")
+        metrics.text(
+            0,
+            "run",
+            f"{world} workers, {trainable:,} trainable and {frozen:,} frozen parameters, "
+            f"MFU against {peak:.1f} TFLOP/s per device ({peak_source})",
+        )
+    lm = engine.module.lm
+    return Workspace(
+        rank=rank,
+        world=world,
+        device=distributed.device(),
+        layout=layout,
+        engine=engine,
+        lm=lm,
+        tokenizer=tokenizer,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        prompts=held_out_prompts(base, manifest, spec.train.eval_generations) if val_loader else [],
+        checkpointer=checkpointer,
+        metrics=metrics,
+        preemption=Preemption(spec.checkpoint.preemption_grace_s),
+        flops=FlopCounter(getattr(lm, "config", None), trainable, frozen),
+        peak_tflops=peak,
+        zero3=spec.deepspeed.zero_stage == 3,
+        hf_files=hf_files(lm, tokenizer, spec.model),
+        state=state,
+    )
+
+
+def check_shards(base: str, manifest, mode: str, rank: int, world: int) -> None:
+    """Each rank checks its share of the shards; all ranks stop if any share is damaged."""
+    problem = None
+    try:
+        verify_shards(base, manifest, mode, rank, world)
+    except DataError as e:
+        problem = e
+    if distributed.all_reduce(0 if problem is None else 1, op="max").item():
+        raise problem or DataError(f"{base}: another worker found a damaged shard (its log names it)")
+
+
+def resume_target(resume: str, checkpointer: Checkpointer) -> Path | None:
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return checkpointer.newest_complete()
+    path = Path(resume)
+    if checkpointer.problem(path) is not None:
+        raise FileNotFoundError(
+            f"checkpoint.resume: {resume} is not a complete checkpoint: {checkpointer.problem(path)}"
+        )
+    return path
+
+
+def hf_files(lm, tokenizer, model_cfg: ModelConfig) -> dict[str, bytes]:
+    """The model's config and tokenizer files, stored in every checkpoint so export needs nothing else."""
+    import json
+    import tempfile
+
+    files: dict[str, bytes] = {}
+    config = getattr(lm, "get_base_model", lambda: lm)().config
+    with tempfile.TemporaryDirectory() as tmp:
+        config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for p in Path(tmp).iterdir():
+            files[p.name] = p.read_bytes()
+    if model_cfg.lora is not None:
+        files["lora.json"] = json.dumps(asdict(model_cfg.lora)).encode()
+    files["export.json"] = json.dumps({"dtype": model_cfg.dtype}).encode()
+    return files
+
+
+def save_logits_probe(w: Workspace, spec: TrainerSpec) -> None:
+    """Logits of the model on the first validation micro-batch, for checking an export against the engine."""
+    mb = next(iter(w.val_loader))
+    w.engine.eval()
+    with torch.no_grad():
+        logits = w.lm(
+            input_ids=mb["input_ids"].to(w.device),
+            position_ids=mb["position_ids"].to(w.device),
+            use_cache=False,
+        ).logits
+    w.engine.train()
+    if w.rank == 0:
+        torch.save(
+            {"batch": {k: mb[k] for k in ("input_ids", "position_ids")}, "logits": logits.float().cpu()},
+            Path(spec.run_dir) / "logits_probe.pt",
+        )
+
+
+def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

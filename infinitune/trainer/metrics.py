@@ -1,0 +1,128 @@
+"""What a run reports: TensorBoard scalars and text (rank 0), a metrics.jsonl beside them, FLOPs and MFU."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Dense bf16/fp16 peak TFLOP/s of known accelerators (vendor datasheets, without sparsity).
+PEAK_TFLOPS = {
+    "B200": 2250.0,
+    "H200": 989.4,
+    "H100": 989.4,
+    "H800": 989.4,
+    "GH200": 989.4,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.1,
+    "L4": 121.0,
+    "A10G": 70.0,
+    "A10": 125.0,
+    "V100": 125.0,
+    "MI300X": 1307.4,
+}
+
+
+def device_peak_tflops(override: float | None = None) -> tuple[float, str]:
+    """(peak TFLOP/s, where the figure comes from) for this worker's device."""
+    if override:
+        return override, "logging.peak_tflops"
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
+            if key in name:
+                return PEAK_TFLOPS[key], name
+        return 0.0, f"{name} (unknown: set logging.peak_tflops)"
+    # A CPU: cores x clock x 32 fp32 FLOPs per cycle (two 8-wide FMA units), an estimate.
+    ghz = 2.0
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        mhz = [float(line.split(":")[1]) for line in lines if line.startswith("cpu MHz")]
+        ghz = max(mhz) / 1000 if mhz else ghz
+    except OSError:
+        pass
+    threads = torch.get_num_threads()
+    return threads * ghz * 32 / 1000, f"CPU estimate ({threads} threads x {ghz:.2f} GHz x 32)"
+
+
+class FlopCounter:
+    """Model FLOPs of a step: 6 per parameter per token (2 forward, 4 backward; 2 for frozen weights, which
+    need no weight gradient), plus causal attention, 12 x layers x attention width x context per token, where
+    the context of a token is its position in its own document (packed documents do not attend to each other)."""
+
+    def __init__(self, config: Any, trainable: int, frozen: int):
+        text = getattr(config, "text_config", config)
+        self.per_token = 6 * trainable + 4 * frozen
+        heads = getattr(text, "num_attention_heads", 0)
+        head_dim = getattr(text, "head_dim", None) or (text.hidden_size // heads if heads else 0)
+        self.attention = 12 * getattr(text, "num_hidden_layers", 0) * heads * head_dim
+
+    def step_flops(self, position_ids: torch.Tensor) -> float:
+        tokens = position_ids.numel()
+        context = float((position_ids.double() + 1).sum())
+        return self.per_token * tokens + self.attention * context
+
+
+def host_rss_gb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def device_memory_gb() -> tuple[float, float]:
+    if torch.cuda.is_available():
+        return torch.cuda.memory_allocated() / 2**30, torch.cuda.max_memory_allocated() / 2**30
+    return 0.0, 0.0
+
+
+class MetricsWriter:
+    """TensorBoard event files and metrics.jsonl in the run directory; a no-op on ranks other than 0."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = True):
+        self.enabled = enabled
+        self.writer = None
+        self.jsonl = None
+        if not enabled:
+            return
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 - open for the run
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(name, value, step)
+        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self.jsonl.flush()
+
+    def text(self, step: int, tag: str, text: str) -> None:
+        if self.enabled and self.writer is not None:
+            self.writer.add_text(tag, text, step)
+
+    def hparams(self, params: dict[str, Any], metrics: dict[str, float]) -> None:
+        if self.enabled and self.writer is not None:
+            clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in params.items()}
+            self.writer.add_hparams(clean, metrics, run_name=".")
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.jsonl is not None:
+            self.jsonl.close()

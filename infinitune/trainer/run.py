@@ -1,0 +1,77 @@
+"""The worker entry point under plain torchrun or Slurm (Ray Train calls `loop.train` itself):
+
+    torchrun --nproc_per_node 2 -m infinitune.trainer.run RUN_DIR/config.yaml
+
+The config is the resolved job config the launcher saved in the run directory; the run directory is the
+config's directory unless --run-dir says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from infinitune.data_pipeline.config import DataConfig
+from infinitune.trainer.config import (
+    CheckpointConfig,
+    DeepSpeedConfig,
+    LoggingConfig,
+    ModelConfig,
+    TrainConfig,
+)
+from infinitune.typed_config import from_dict
+
+SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "deepspeed": DeepSpeedConfig,
+    "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig,
+}
+
+
+def spec_from_dict(config: dict[str, Any], run_dir: str | os.PathLike):
+    """A TrainerSpec from a resolved job config: each section built by its own type."""
+    from infinitune.trainer.loop import TrainerSpec
+
+    sections = {name: from_dict(cls, config.get(name) or {}, name) for name, cls in SECTIONS.items()}
+    return TrainerSpec(**sections, run_dir=str(run_dir), resolved_config=config)
+
+
+def configure_logging(rank: int) -> None:
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("config", help="the resolved job config (RUN_DIR/config.yaml)")
+    parser.add_argument("--run-dir", default=None, help="run directory (default: the config's directory)")
+    args = parser.parse_args(argv)
+    configure_logging(int(os.environ.get("RANK", "0")))
+    config = yaml.safe_load(Path(args.config).read_text(encoding="utf-8"))
+    spec = spec_from_dict(config, args.run_dir or Path(args.config).resolve().parent)
+    from infinitune.trainer.context import RunContext
+    from infinitune.trainer.loop import train
+
+    code = train(spec, RunContext())
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

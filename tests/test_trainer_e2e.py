@@ -1,0 +1,183 @@
+"""The trainer end to end: real DeepSpeed ZeRO-3 over gloo in 2 worker processes, a tiny Llama from a config."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+
+import pytest
+import torch
+
+from infinitune.trainer.checkpoint import checkpoint_problem
+from infinitune.trainer.preemption import EXIT_PREEMPTED
+
+from .train_helpers import (
+    job_config,
+    logs,
+    make_tiny_setup,
+    run,
+    run_dir_of,
+    start,
+    step_losses,
+    wait_for_step,
+)
+
+pytestmark = pytest.mark.slow
+
+SCALARS = [
+    "train/loss",
+    "train/lr",
+    "train/grad_norm",
+    "perf/tokens_per_s",
+    "perf/trained_tokens_per_s",
+    "perf/mfu",
+    "perf/step_time_s",
+    "perf/data_wait_fraction",
+    "memory/host_rss_gb",
+    "memory/device_allocated_gb",
+    "eval/loss",
+    "eval/ppl",
+    "eval/exact_match",
+    "perf/checkpoint_s",
+]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_tokenizer_dir):
+    return make_tiny_setup(tmp_path_factory.mktemp("trainer"), tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def reference(setup, runs):
+    """An uninterrupted 12-step ZeRO-3 run (checkpoints at 5, 10 and the end)."""
+    config = job_config(setup, runs, "reference", logging={"save_logits_probe": True})
+    assert run(config) == 0, logs(config)
+    return config
+
+
+def test_zero3_trains_and_keeps_complete_checkpoints(reference):
+    losses = step_losses(reference)
+    assert sorted(losses) == list(range(1, 13))
+    assert sum(losses[s] for s in (10, 11, 12)) / 3 < losses[1] - 1.0  # it learns the synthetic tasks
+    checkpoints = run_dir_of(reference) / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_000010", "step_000012"]  # keep_last 2
+    for d in checkpoints.glob("step_*"):
+        assert checkpoint_problem(d, "sha256") is None
+        names = {p.name for p in d.iterdir()}
+        assert {"files.rank0.json", "files.rank1.json", "rng.rank0.pt", "rng.rank1.pt"} <= names
+        assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= names  # every rank's shard
+    assert (checkpoints / "latest").read_text() == "step_000012"
+
+
+def test_tensorboard_holds_every_scalar_and_the_config(reference):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(
+        str(run_dir_of(reference) / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0}
+    )
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    assert set(SCALARS) <= scalars, set(SCALARS) - scalars
+    assert len(acc.Scalars("train/loss")) == 12 and len(acc.Scalars("eval/loss")) == 2
+    text = {t.rsplit("/", 1)[0] for t in acc.Tags()["tensors"]}
+    assert {"config", "eval/generations"} <= text
+    config_text = acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "zero_stage: 3" in config_text
+    assert 0 < acc.Scalars("perf/mfu")[-1].value < 1
+
+
+def test_export_reloads_with_transformers_and_matches_the_engine(reference, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from infinitune.trainer.export import export
+
+    out = export(run_dir_of(reference), tmp_path / "export", dtype="float32", max_shard_size="300KB")
+    assert (out / "model.safetensors.index.json").exists()  # sharded, with its index
+    assert {"config.json", "generation_config.json", "tokenizer.json", "chat_template.jinja"} <= {
+        p.name for p in out.iterdir()
+    }
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    probe = torch.load(run_dir_of(reference) / "logits_probe.pt", weights_only=True)
+    with torch.no_grad():
+        logits = model(**probe["batch"], use_cache=False).logits
+    assert torch.allclose(logits, probe["logits"], atol=1e-5, rtol=0), (logits - probe["logits"]).abs().max()
+
+
+def test_resume_after_a_crash_repeats_the_same_losses(setup, runs, reference):
+    config = job_config(setup, runs, "crashed")
+    code = run(config, env={"INFINITUNE_FAULT": "after_step:7"})  # SIGKILL both ranks after step 7
+    assert code == 137
+    assert max(step_losses(config)) == 7
+    assert run(config) == 0, logs(config)  # resume: auto, from the checkpoint of step 5
+    assert "resumed from" in logs(config) and "step_000005" in logs(config)
+    want, got = step_losses(reference), step_losses(config)
+    assert sorted(got) == list(range(1, 13))
+    for step in range(1, 13):
+        assert abs(got[step] - want[step]) <= 1e-6, (step, got[step], want[step])
+
+
+def test_sigterm_to_one_rank_saves_one_complete_checkpoint(setup, runs):
+    config = job_config(
+        setup, runs, "preempted", train={"max_steps": 1000, "eval_every": 0}, checkpoint={"every_steps": 0}
+    )
+    procs = start(config)
+    wait_for_step(config, 3)
+    procs[1].send_signal(signal.SIGTERM)  # one rank only: the other learns of it at the next step boundary
+    codes = [p.wait(timeout=120) for p in procs]
+    assert codes == [EXIT_PREEMPTED, EXIT_PREEMPTED], logs(config)
+    checkpoints = sorted((run_dir_of(config) / "checkpoints").glob("step_*"))
+    assert len(checkpoints) == 1
+    assert checkpoint_problem(checkpoints[0], "sha256") is None
+    saved = json.loads((checkpoints[0] / "trainer_state.json").read_text())
+    assert saved["step"] == max(step_losses(config)) < 1000
+    assert "SIGTERM received" in logs(config)
+
+
+def test_a_damaged_checkpoint_is_skipped_for_the_one_before(setup, runs, reference):
+    config = job_config(setup, runs, "damaged", train={"max_steps": 13})
+    shutil.copytree(run_dir_of(reference) / "checkpoints", run_dir_of(config) / "checkpoints")
+    victim = run_dir_of(config) / "checkpoints" / "step_000012" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    victim.write_bytes(victim.read_bytes()[:100])
+    assert run(config) == 0, logs(config)
+    text = logs(config)
+    assert "step_000012 is not usable" in text and "truncated" in text
+    assert "resumed from" in text and "step_000010 (step 10)" in text
+    assert sorted(step_losses(config)) == [11, 12, 13]
+
+
+def test_lora_trains_and_exports_merged(setup, runs, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from infinitune.trainer.export import export
+
+    config = job_config(
+        setup,
+        runs,
+        "lora",
+        model={"lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}},
+        train={"lr": 1e-2, "max_steps": 8, "eval_every": 0},
+    )
+    assert run(config) == 0, logs(config)
+    losses = step_losses(config)
+    assert losses[8] < losses[1]
+    out = export(run_dir_of(config), tmp_path / "merged", dtype="float32")
+    weights = load_file(out / "model.safetensors")
+    assert not [k for k in weights if "lora" in k]
+    base = AutoModelForCausalLM.from_pretrained(setup["model"], dtype=torch.float32).state_dict()
+    q = "model.layers.0.self_attn.q_proj.weight"
+    k = "model.layers.0.self_attn.k_proj.weight"
+    assert not torch.equal(weights[q], base[q])  # the adapter is merged in
+    assert torch.equal(weights[k], base[k])  # what was not adapted is the base, unchanged
+    assert (
+        AutoModelForCausalLM.from_pretrained(out)
+        .generate(max_new_tokens=3, do_sample=False, input_ids=torch.tensor([[1, 5, 6]]))
+        .shape[1]
+        >= 4
+    )

@@ -1,0 +1,157 @@
+"""Trainer parts that need no process group: the loss, attention over packed documents, the schedule, the
+DeepSpeed config, FLOPs, checkpoint completeness checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from infinitune.data_pipeline.stream import BatchLayout
+from infinitune.trainer.checkpoint import COMPLETE, _owner, checkpoint_problem
+from infinitune.trainer.config import DeepSpeedConfig, ModelConfig, TrainConfig
+from infinitune.trainer.ds_config import deepspeed_config
+from infinitune.trainer.metrics import FlopCounter
+from infinitune.trainer.model import TokenLossModel, load_causal_lm
+from infinitune.trainer.schedule import lr_factor
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir):
+    from infinitune.testing.tiny import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), tiny_tokenizer_dir, max_positions=256)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_a_packed_document_has_the_loss_it_has_alone(tiny_model_dir, attn):
+    """Two documents packed into one row, positions restarting: each keeps exactly its own loss, i.e.
+    neither attends to the other (with the KV cache off, as the trainer builds the model)."""
+    lm = load_causal_lm(ModelConfig(path=str(tiny_model_dir), attn_implementation=attn), torch.float32)
+    model = TokenLossModel(lm).eval()
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randint(3, 500, (1, 37), generator=g), torch.randint(3, 500, (1, 50), generator=g)
+    la, lb = a.clone(), b.clone()
+    la[0, :5] = -100  # a prompt without loss
+    lb[0, :9] = -100
+    with torch.no_grad():
+        loss_a, n_a = model(a, la, torch.arange(37)[None])
+        loss_b, n_b = model(b, lb, torch.arange(50)[None])
+        packed = torch.cat([a, b], 1)
+        labels = torch.cat([la, lb], 1)
+        positions = torch.cat([torch.arange(37), torch.arange(50)])[None]
+        loss_p, n_p = model(packed, labels, positions)
+        # Same again without restarting positions: the documents now see each other and the loss moves.
+        loss_x, _ = model(packed, labels, torch.arange(87)[None])
+    assert int(n_p) == int(n_a) + int(n_b)
+    assert abs(float(loss_p) - float(loss_a + loss_b)) / float(n_p) < 1e-5
+    assert abs(float(loss_x) - float(loss_a + loss_b)) / float(n_p) > 1e-3
+
+
+def test_the_fast_output_layer_equals_the_full_forward(tiny_model_dir):
+    lm = load_causal_lm(ModelConfig(path=str(tiny_model_dir)), torch.float32)
+    fast, full = TokenLossModel(lm).eval(), TokenLossModel(lm).eval()
+    full.plain_head = False
+    ids = torch.randint(3, 500, (2, 40))
+    labels = ids.clone()
+    labels[:, :10] = -100
+    pos = torch.arange(40).repeat(2, 1)
+    with torch.no_grad():
+        assert torch.allclose(fast(ids, labels, pos)[0], full(ids, labels, pos)[0], rtol=1e-5)
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig(max_steps=100, warmup_steps=10, lr=1e-3, min_lr_ratio=0.1, schedule="cosine")
+    f = [lr_factor(s, cfg) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[9:], f[10:]))
+    assert lr_factor(100, cfg) == pytest.approx(0.1)
+    linear = TrainConfig(max_steps=100, warmup_steps=0, schedule="linear", min_lr_ratio=0.0)
+    assert lr_factor(50, linear) == pytest.approx(0.5)
+    assert lr_factor(70, TrainConfig(schedule="constant", warmup_steps=0)) == 1.0
+
+
+def test_deepspeed_config_follows_our_sections():
+    layout = BatchLayout(16, 2, 2)
+    c = deepspeed_config(
+        DeepSpeedConfig(zero_stage=3, precision="bf16", param_persistence_threshold=0),
+        TrainConfig(global_batch_size=16, micro_batch_size=2, max_grad_norm=0.5),
+        layout,
+    )
+    assert (c["train_batch_size"], c["train_micro_batch_size_per_gpu"], c["gradient_accumulation_steps"]) == (
+        16,
+        2,
+        4,
+    )
+    assert (
+        c["zero_optimization"]["stage"] == 3
+        and c["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+    )
+    assert c["bf16"]["enabled"] and not c["fp16"]["enabled"] and c["gradient_clipping"] == 0.5
+    assert "optimizer" not in c  # a client torch AdamW: nothing to compile
+    off = deepspeed_config(
+        DeepSpeedConfig(zero_stage=3, offload_optimizer="cpu", offload_params="cpu"),
+        TrainConfig(global_batch_size=16, micro_batch_size=2),
+        layout,
+    )
+    assert off["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert off["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert off["optimizer"]["type"] == "AdamW"  # DeepSpeed's CPU Adam steps the offloaded state
+    zero0 = deepspeed_config(
+        DeepSpeedConfig(zero_stage=0, precision="fp32"), TrainConfig(), BatchLayout(8, 1, 1)
+    )
+    assert zero0["zero_optimization"] == {"stage": 0} and not zero0["bf16"]["enabled"]
+
+
+def test_flops_count_parameters_and_causal_attention_per_document():
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2)
+    counter = FlopCounter(cfg, trainable=1000, frozen=500)
+    one_doc = torch.arange(8)[None]
+    two_docs = torch.cat([torch.arange(4), torch.arange(4)])[None]
+    base = (6 * 1000 + 4 * 500) * 8
+    assert counter.step_flops(one_doc) == base + 12 * 2 * 64 * sum(range(1, 9))
+    assert counter.step_flops(two_docs) == base + 12 * 2 * 64 * 2 * sum(range(1, 5))
+
+
+def test_checkpoint_file_owners():
+    assert _owner("zero_pp_rank_1_mp_rank_00_optim_states.pt") == 1
+    assert _owner("bf16_zero_pp_rank_3_mp_rank_00_optim_states.pt") == 3
+    assert _owner("mp_rank_00_model_states.pt") == 0
+    assert _owner("rng.rank2.pt") == 2
+    assert _owner("trainer_state.json") == 0 and _owner("hf/config.json") == 0
+
+
+def _fake_checkpoint(directory, world=2):
+    import hashlib
+
+    directory.mkdir(parents=True)
+    ranks = {}
+    for r in range(world):
+        (directory / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt").write_bytes(b"x" * (10 + r))
+        name = f"zero_pp_rank_{r}_mp_rank_00_model_states.pt"
+        listing = {name: {"bytes": 10 + r, "sha256": hashlib.sha256(b"x" * (10 + r)).hexdigest()}}
+        (directory / f"files.rank{r}.json").write_text(json.dumps(listing))
+        ranks[str(r)] = hashlib.sha256((directory / f"files.rank{r}.json").read_bytes()).hexdigest()
+    (directory / COMPLETE).write_text(json.dumps({"step": 1, "world_size": world, "ranks": ranks}))
+    return directory
+
+
+def test_checkpoint_completeness_is_checked_file_by_file(tmp_path):
+    good = _fake_checkpoint(tmp_path / "a")
+    assert checkpoint_problem(good, "sha256") is None
+    (good / "zero_pp_rank_1_mp_rank_00_model_states.pt").write_bytes(b"x" * 5)
+    assert "truncated" in checkpoint_problem(good)
+    flipped = _fake_checkpoint(tmp_path / "b")
+    (flipped / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"y" * 10)
+    assert checkpoint_problem(flipped, "size") is None and "corrupted" in checkpoint_problem(
+        flipped, "sha256"
+    )
+    partial = _fake_checkpoint(tmp_path / "c")
+    (partial / COMPLETE).unlink()
+    assert "no completeness marker" in checkpoint_problem(partial)
+    missing = _fake_checkpoint(tmp_path / "d")
+    (missing / "files.rank1.json").unlink()
+    assert "files.rank1.json" in checkpoint_problem(missing)

@@ -1,0 +1,110 @@
+"""Running real 2-process DeepSpeed jobs from tests: a tiny model and shards, configs, launching and reading."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import yaml
+
+from infinitune.data_pipeline import synthetic
+from infinitune.launcher.job_config import load_job_config, save_job_config
+from infinitune.launcher.local import start_workers, wait_workers
+
+
+def make_tiny_setup(root: Path, tokenizer_dir: Path, records: int = 1500) -> dict:
+    """A tiny Llama and prepared shards (seq 128) to train on: a learnable synthetic task."""
+    from infinitune.data_pipeline.config import DataConfig
+    from infinitune.data_pipeline.prepare import prepare
+    from infinitune.data_pipeline.tokenizer import load_tokenizer
+    from infinitune.testing.tiny import save_tiny_llama
+    from infinitune.typed_config import from_dict
+
+    model = save_tiny_llama(root / "model", tokenizer_dir, max_positions=256)
+    synthetic.write_jsonl(
+        str(root / "synth.jsonl"), records, seed=0, tasks=["reverse", "uppercase", "parity"]
+    )
+    data = {
+        "sources": [{"path": str(root / "synth.jsonl")}],
+        "seq_len": 128,
+        "val_fraction": 0.05,
+        "shards_dir": str(root / "shards"),
+        "num_workers": 0,
+        "samples_per_shard": 64,
+    }
+    prepare(from_dict(DataConfig, data), load_tokenizer(str(model)), num_proc=1, progress=False)
+    return {"model": str(model), "data": data}
+
+
+def job_config(setup: dict, run_root: Path, name: str = "run", **sections) -> Path:
+    """A job config for the tiny setup (ZeRO-3, fp32, 2 workers) with section overrides merged in."""
+    cfg = {
+        "name": name,
+        "model": {"path": setup["model"], "dtype": "float32"},
+        "data": dict(setup["data"]),
+        "train": {
+            "global_batch_size": 8,
+            "micro_batch_size": 2,
+            "max_steps": 12,
+            "lr": 3e-3,
+            "warmup_steps": 2,
+            "eval_every": 6,
+            "eval_generations": 2,
+            "max_new_tokens": 8,
+        },
+        "deepspeed": {"zero_stage": 3, "precision": "fp32", "param_persistence_threshold": 0},
+        "checkpoint": {"every_steps": 5, "keep_last": 2},
+        "cluster": {"num_workers": 2, "storage_path": str(run_root)},
+        "logging": {"tensorboard": True},
+    }
+    for section, values in sections.items():
+        cfg[section] = {**cfg.get(section, {}), **values}
+    path = run_root / f"{name}.yaml"
+    run_root.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_dir_of(config: Path) -> Path:
+    cfg = yaml.safe_load(config.read_text())
+    return Path(cfg["cluster"]["storage_path"]) / cfg["name"]
+
+
+def start(config: Path, env: dict | None = None, nproc: int = 2):
+    """Validate like the CLI, write RUN_DIR/config.yaml, start the workers (logs in RUN_DIR/logs)."""
+    cfg = load_job_config(config)
+    run_dir = run_dir_of(config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_job_config(cfg, run_dir / "config.yaml")
+    return start_workers(run_dir / "config.yaml", nproc, env=env, log_dir=run_dir / "logs")
+
+
+def run(config: Path, env: dict | None = None, nproc: int = 2) -> int:
+    return wait_workers(start(config, env, nproc))
+
+
+def logs(config: Path) -> str:
+    return "\n".join(
+        p.read_text(errors="replace") for p in sorted((run_dir_of(config) / "logs").glob("*.log"))
+    )
+
+
+def step_losses(config: Path) -> dict[int, float]:
+    """train/loss by step; a step logged twice (run again after a crash) keeps its last value."""
+    out = {}
+    for line in (run_dir_of(config) / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "train/loss" in row:
+            out[row["step"]] = row["train/loss"]
+    return out
+
+
+def wait_for_step(config: Path, step: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    path = run_dir_of(config) / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if path.exists() and any(s >= step for s in step_losses(config)):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"step {step} not reached")

@@ -69,6 +69,12 @@ class JobConfig:
                 f"got {self.train.global_batch_size}",
             )
 
+        if self.model.compile_layers and self.deepspeed.zero_stage == 3:
+            raise ConfigError(
+                "model.compile_layers",
+                "compiled layers failed under ZeRO-3's parameter hooks; use zero_stage 0-2",
+            )
+
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
 

@@ -53,6 +53,14 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _owner(relative: str) -> int:
     """The rank that wrote a file of a checkpoint: named in DeepSpeed's and our file names, else rank 0."""
     m = _RANK_FILE.search(os.path.basename(relative))
@@ -177,9 +185,14 @@ class Checkpointer:
                 (directory / "hf" / name).write_bytes(data)
         faults.maybe_fail("during_save", step, self.rank)
         distributed.barrier()
+        # On disk before anything can be pruned in favour of it: a node dying with the shards still in its
+        # page cache must not leave a marker over torn files and no older checkpoint.
+        mine = _files_of(directory, self.rank)
+        for rel in mine:
+            _fsync(directory / rel)
         listing = {
             rel: {"bytes": (directory / rel).stat().st_size, "sha256": _sha256(directory / rel)}
-            for rel in _files_of(directory, self.rank)
+            for rel in mine
         }
         _write_json_atomic(directory / f"files.rank{self.rank}.json", listing)
         distributed.barrier()

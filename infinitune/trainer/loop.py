@@ -104,26 +104,17 @@ def train(spec: TrainerSpec, ctx: RunContext) -> int:
         t0 = time.perf_counter()
         micro = [next(batches) for _ in range(w.layout.accumulation)]
         data_wait = time.perf_counter() - t0
-        # Every trained token of the global batch weighs the same: normalise by their total over all ranks
-        # (DeepSpeed then averages gradients over ranks, hence the factor world).
-        trained = distributed.all_reduce(sum(int((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro))
-        scale = w.world / max(trained.item(), 1.0)
-        loss_sum = torch.zeros((), dtype=torch.float64)
         lr = engine.get_lr()[0]
-        for mb in micro:
-            loss, _ = engine(*(mb[k].to(w.device) for k in ("input_ids", "labels", "position_ids")))
-            engine.backward(loss * scale, scale_wrt_gas=False)
-            engine.step()
-            loss_sum += loss.detach().double().cpu()
+        loss_sum, trained = train_step(w.engine, micro, w.world, w.device)
         state.step += 1
-        step_loss = float(distributed.all_reduce(loss_sum).item() / max(trained.item(), 1.0))
+        step_loss = float(loss_sum / max(trained, 1))
         step_time = time.perf_counter() - t0
         tokens = int(distributed.all_reduce(sum(mb["input_ids"].numel() for mb in micro)).item())
         flops = float(
             distributed.all_reduce(sum(w.flops.step_flops(mb["position_ids"]) for mb in micro)).item()
         )
         state.tokens_seen += tokens
-        state.trained_tokens_seen += int(trained.item())
+        state.trained_tokens_seen += trained
         if not math.isfinite(step_loss):
             raise FloatingPointError(
                 f"step {state.step}: loss is {step_loss}; lower train.lr or check the data"
@@ -137,7 +128,7 @@ def train(spec: TrainerSpec, ctx: RunContext) -> int:
                 "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
                 "train/epoch": w.train_loader.epoch,
                 "perf/tokens_per_s": tokens / step_time,
-                "perf/trained_tokens_per_s": trained.item() / step_time,
+                "perf/trained_tokens_per_s": trained / step_time,
                 "perf/mfu": flops / step_time / (w.peak_tflops * 1e12 * w.world) if w.peak_tflops else 0.0,
                 "perf/step_time_s": step_time,
                 "perf/data_wait_fraction": data_wait / step_time,
@@ -175,6 +166,28 @@ def train(spec: TrainerSpec, ctx: RunContext) -> int:
     )
     w.metrics.close()
     return EXIT_OK
+
+
+def train_step(engine, micro: list[dict], world: int, device: torch.device) -> tuple[float, int]:
+    """One optimizer step over this rank's micro-batches; returns (summed loss, trained tokens), both over
+    the whole global batch.
+
+    Every trained token of the global batch weighs the same: each micro-batch's summed loss is divided by
+    the trained tokens of all ranks together (DeepSpeed then averages gradients over ranks, hence x world).
+    """
+    trained = int(
+        distributed.all_reduce(sum(int((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro)).item()
+    )
+    scale = world / max(trained, 1)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for mb in micro:
+        loss, _ = engine(
+            *(mb[k].to(device, non_blocking=True) for k in ("input_ids", "labels", "position_ids"))
+        )
+        engine.backward(loss * scale, scale_wrt_gas=False)
+        engine.step()
+        loss_sum += loss.detach().double()
+    return float(distributed.all_reduce(loss_sum).item()), trained
 
 
 def evaluate(w: Workspace, spec: TrainerSpec, state: TrainState, ctx: RunContext) -> bool:
@@ -262,7 +275,11 @@ def setup(spec: TrainerSpec, ctx: RunContext) -> Workspace:
     params = [p for p in model.parameters() if p.requires_grad]
     if spec.deepspeed.offload_optimizer == "none":
         optimizer = torch.optim.AdamW(
-            params, lr=spec.train.lr, betas=tuple(spec.train.betas), weight_decay=spec.train.weight_decay
+            params,
+            lr=spec.train.lr,
+            betas=tuple(spec.train.betas),
+            weight_decay=spec.train.weight_decay,
+            fused=distributed.use_gpu(),  # one kernel for all parameters on GPU
         )
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model,

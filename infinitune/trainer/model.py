@@ -92,6 +92,14 @@ def build_model(cfg: ModelConfig, ds: DeepSpeedConfig, ds_config: dict, seed: in
     model = load_causal_lm(cfg, PRECISION_DTYPES[ds.precision], ds_config)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.compile_layers:
+        layers = getattr(model.get_decoder(), "layers", None)
+        if layers is None:
+            raise ValueError(
+                f"model.compile_layers: {type(model).__name__} has no decoder `layers` to compile"
+            )
+        for layer in layers:
+            layer.compile()
     if cfg.lora is not None:
         model = apply_lora(model, cfg, seed)
     return TokenLossModel(model)

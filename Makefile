@@ -18,10 +18,15 @@ $(STAMP): setup.py
 
 setup: $(STAMP)
 
-# The main job, on this machine's CPU. Today: synthetic tasks -> shards for SmolLM2-135M-Instruct.
+# The main job, on this machine's CPU: synthetic tasks -> shards -> SmolLM2-135M-Instruct fine-tuned with
+# ZeRO-3 on 2 workers -> exported -> asked a held-out question.
 quickstart: $(STAMP)
-	$(BIN)/infinitune generate-data --n 20000 --seed 0 --out runs/quickstart/data/synth.jsonl
+	$(BIN)/infinitune generate-data --n 2000 --seed 0 --out runs/quickstart/data/synth.jsonl
 	$(BIN)/infinitune prepare configs/quickstart.yaml
+	$(BIN)/infinitune train configs/quickstart.yaml
+	$(BIN)/infinitune export runs/quickstart --out runs/quickstart/export
+	$(BIN)/infinitune generate runs/quickstart/export --prompt "Reverse the letters of the word.\n\nbanana"
+	@echo "TensorBoard: .venv/bin/tensorboard --logdir runs/quickstart/tensorboard   model: runs/quickstart/export"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

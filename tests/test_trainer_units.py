@@ -155,3 +155,22 @@ def test_checkpoint_completeness_is_checked_file_by_file(tmp_path):
     missing = _fake_checkpoint(tmp_path / "d")
     (missing / "files.rank1.json").unlink()
     assert "files.rank1.json" in checkpoint_problem(missing)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir):
+    from infinitune.trainer.model import build_model
+
+    grads = []
+    for checkpointing in (False, True):
+        model = build_model(
+            ModelConfig(path=str(tiny_model_dir), gradient_checkpointing=checkpointing),
+            DeepSpeedConfig(zero_stage=0, precision="fp32"),
+            {"zero_optimization": {"stage": 0}},
+            0,
+        )
+        model.train()
+        ids = torch.randint(3, 500, (2, 32), generator=torch.Generator().manual_seed(1))
+        loss, _ = model(ids, ids.clone(), torch.arange(32).repeat(2, 1))
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)

@@ -148,6 +148,9 @@ def export(
         do_sample=False,
     )
     generation.save_pretrained(out)
+    for f in out.iterdir():  # safetensors writes 0600; a serving process often runs as another user
+        if f.is_file():
+            f.chmod(0o644)
     _check_written(out, model)
     log.info(
         "exported %s (step %s) to %s as %s",

@@ -25,7 +25,7 @@ quickstart: $(STAMP)
 	$(BIN)/infinitune prepare configs/quickstart.yaml
 	$(BIN)/infinitune train configs/quickstart.yaml
 	$(BIN)/infinitune export runs/quickstart --out runs/quickstart/export
-	$(BIN)/infinitune generate runs/quickstart/export --prompt "Reverse the letters of the word.\n\nbanana"
+	$(BIN)/infinitune generate runs/quickstart/export --prompt "Reverse the letters of the word: banana"
 	@echo "TensorBoard: .venv/bin/tensorboard --logdir runs/quickstart/tensorboard   model: runs/quickstart/export"
 
 test: $(STAMP)

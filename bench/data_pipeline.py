@@ -42,6 +42,20 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), {platform.python_version()}, {platform.system()}"
 
 
+def alpaca_config(src: Path, shards_dir, **data) -> DataConfig:
+    """The data section the benchmarks prepare with: the alpaca records, 2048 tokens, no validation split."""
+    return from_dict(
+        DataConfig,
+        {
+            "sources": [{"path": str(src), "format": "alpaca"}],
+            "seq_len": 2048,
+            "val_fraction": 0.0,
+            "shards_dir": str(shards_dir),
+            **data,
+        },
+    )
+
+
 def bench_prepare(records, tok, tmp: Path, procs: list[int]) -> list[dict]:
     import datasets
 
@@ -73,16 +87,7 @@ def bench_prepare(records, tok, tmp: Path, procs: list[int]) -> list[dict]:
         base_s = time.perf_counter() - t0
         base_tokens = sum(len(x) for x in mapped["input_ids"])
 
-        cfg = from_dict(
-            DataConfig,
-            {
-                "sources": [{"path": str(src), "format": "alpaca"}],
-                "seq_len": 2048,
-                "val_fraction": 0.0,
-                "records_per_chunk": 2000,
-                "shards_dir": str(tmp / f"shards-{n}"),
-            },
-        )
+        cfg = alpaca_config(src, tmp / f"shards-{n}", records_per_chunk=2000)
         t0 = time.perf_counter()
         manifest = prepare(cfg, tok, num_proc=n, progress=False)
         ours_s = time.perf_counter() - t0
@@ -140,16 +145,7 @@ def bench_stream(records, tok, tmp: Path, seconds: float = 8.0) -> list[dict]:
         for r in records:
             f.write(json.dumps(r) + "\n")
     shards = str(tmp / "stream-shards")
-    cfg = from_dict(
-        DataConfig,
-        {
-            "sources": [{"path": str(src), "format": "alpaca"}],
-            "seq_len": 2048,
-            "val_fraction": 0.0,
-            "samples_per_shard": 256,
-            "shards_dir": shards,
-        },
-    )
+    cfg = alpaca_config(src, shards, samples_per_shard=256)
     prepare(cfg, tok, num_proc=2, progress=False)
     rows = []
     for world, workers in ((1, 0), (1, 2), (8, 0), (8, 2)):

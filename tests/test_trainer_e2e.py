@@ -149,6 +149,8 @@ def test_a_damaged_checkpoint_is_skipped_for_the_one_before(setup, runs, referen
     assert "step_000012 is not usable" in text and "truncated" in text
     assert "resumed from" in text and "step_000010 (step 10)" in text
     assert sorted(step_losses(config)) == [11, 12, 13]
+    # The damaged one is set aside, not deleted, and can never be resumed by mistake later.
+    assert len(list((run_dir_of(config) / "checkpoints").glob("step_000012.set-aside-*"))) == 1
 
 
 def test_lora_trains_and_exports_merged(setup, runs, tmp_path):
@@ -188,3 +190,25 @@ def test_resuming_on_another_number_of_workers_is_refused_naming_both(setup, run
     shutil.copytree(run_dir_of(reference) / "checkpoints", run_dir_of(config) / "checkpoints")
     assert run(config, nproc=1) != 0
     assert "was written by 2 workers and this run has 1" in logs(config)
+
+
+def test_ctrl_c_on_the_launcher_saves_and_stops_every_worker(setup, runs):
+    import subprocess
+    import sys
+
+    config = job_config(
+        setup, runs, "interrupted", train={"max_steps": 1000, "eval_every": 0}, checkpoint={"every_steps": 0}
+    )
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "infinitune.launcher.cli", "train", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    wait_for_step(config, 2)
+    launcher.send_signal(signal.SIGINT)
+    out, _ = launcher.communicate(timeout=180)
+    assert launcher.returncode == EXIT_PREEMPTED, out[-3000:]
+    assert "infinitune resume" in out
+    (checkpoint,) = (run_dir_of(config) / "checkpoints").glob("step_*")
+    assert checkpoint_problem(checkpoint, "sha256") is None

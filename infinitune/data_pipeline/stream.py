@@ -345,6 +345,9 @@ class StatefulLoader:
                 num_workers=self.num_workers,
                 prefetch_factor=self.prefetch_factor,
                 persistent_workers=False,
+                # Its own generator: starting workers must not draw from the global one, or a resumed run's
+                # random state (dropout) would differ from the uninterrupted run's.
+                generator=torch.Generator(),
             )
         else:
             batches = stream.micro_batches()

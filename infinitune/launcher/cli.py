@@ -90,7 +90,9 @@ def _run_workers(cfg, run_dir: Path) -> int:
     config_path = run_dir / "config.yaml"
     save_job_config(cfg, config_path)
     print(f"run directory: {run_dir}\ntensorboard:   tensorboard --logdir {run_dir / 'tensorboard'}")
-    code = wait_workers(start_workers(config_path, cfg.cluster.num_workers))
+    code = wait_workers(
+        start_workers(config_path, cfg.cluster.num_workers), cfg.checkpoint.preemption_grace_s
+    )
     if code == 0:
         print(
             f"done: checkpoints in {run_dir / 'checkpoints'}; export with `infinitune export {run_dir} --out DIR`"

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -49,6 +50,10 @@ def start_workers(
                 env=worker_env,
                 stdout=out,
                 stderr=subprocess.STDOUT if out else None,
+                # Their own session: a Ctrl-C in the terminal reaches the launcher, which asks every worker to
+                # save and stop, instead of interrupting each mid-collective.
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         )
         if out is not None:
@@ -56,29 +61,49 @@ def start_workers(
     return procs
 
 
-def wait_workers(procs: list[subprocess.Popen], grace_s: float = 30.0) -> int:
+def _die_with_parent() -> None:
+    """In the child: be sent SIGTERM (save and stop) if the launcher dies, rather than run on orphaned."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the workers outlive a killed launcher
+
+
+def wait_workers(procs: list[subprocess.Popen], grace_s: float = 120.0) -> int:
     """Wait for every worker. When one fails, the others are stopped (they would wait on it forever).
+    SIGINT/SIGTERM to the launcher are passed on as SIGTERM, so every worker saves and stops at its next step
+    boundary; a second one, or `grace_s` without an end, kills them.
     Returns 0, EXIT_PREEMPTED if the run stopped on request with a checkpoint, or the first failure's code."""
-    failed_at = None
+    stopping_since: list[float] = []
+
+    def stop_all(signum=None, frame=None) -> None:
+        if stopping_since and signum is not None:  # asked twice: stop now
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        stopping_since.append(time.monotonic())
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {sig: signal.signal(sig, stop_all) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         while any(p.poll() is None for p in procs):
             codes = [p.returncode for p in procs if p.returncode is not None]
-            if failed_at is None and any(c not in (0, EXIT_PREEMPTED) for c in codes):
-                failed_at = time.monotonic()
-                for p in procs:
-                    if p.poll() is None:
-                        p.send_signal(signal.SIGTERM)
-            if failed_at is not None and time.monotonic() - failed_at > grace_s:
+            if not stopping_since and any(c not in (0, EXIT_PREEMPTED) for c in codes):
+                stop_all()
+            if stopping_since and time.monotonic() - stopping_since[0] > grace_s:
                 for p in procs:
                     if p.poll() is None:
                         p.kill()
             time.sleep(0.2)
-    except KeyboardInterrupt:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)  # each saves at its next step boundary
-        for p in procs:
-            p.wait()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     codes = [p.returncode for p in procs]
     bad = [c for c in codes if c not in (0, EXIT_PREEMPTED)]
     if bad:

@@ -19,6 +19,7 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +157,15 @@ def checkpoint_problem(directory: Path, verify: str = "size") -> str | None:
     return None
 
 
+def step_dirs(root: Path) -> list[tuple[int, Path]]:
+    """(step, directory) of every step directory under `root`, by step (complete or not)."""
+    if not root.is_dir():
+        return []
+    return sorted(
+        (int(m.group(1)), d) for d in root.iterdir() if d.is_dir() and (m := _STEP_DIR.match(d.name))
+    )
+
+
 class Checkpointer:
     """save(step, ...) and load(...) -> trainer state or None, for all ranks together (collective calls)."""
 
@@ -209,26 +219,32 @@ class Checkpointer:
 
     def _prune(self, keep: Path) -> None:
         """Delete complete checkpoints beyond the newest keep_last, and debris older than the newest complete."""
-        complete = [d for _, d in self.checkpoints() if (d / COMPLETE).exists()]
-        keep_set = set(complete[-self.keep_last :]) | {keep}
-        newest = complete[-1] if complete else keep
-        for _, d in self.checkpoints():
+        found = self.checkpoints()
+        complete = [(s, d) for s, d in found if (d / COMPLETE).exists()]
+        keep_set = {d for _, d in complete[-self.keep_last :]} | {keep}
+        newest = complete[-1][0] if complete else None
+        for step, d in found:
             if d in keep_set:
                 continue
-            if (d / COMPLETE).exists() or d.name < newest.name:
+            if (d / COMPLETE).exists() or (newest is not None and step < newest):
                 log.info("removing checkpoint %s", d)
                 shutil.rmtree(d, ignore_errors=True)
+
+    def set_aside_after(self, step: int) -> None:
+        """Rename checkpoints newer than `step` (an abandoned branch when a run goes back to an older one), so
+        that a later `resume: auto` cannot return to them. Rank 0 only; nothing is deleted."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for s, d in self.checkpoints():
+            if s > step:
+                target = d.with_name(f"{d.name}.set-aside-{stamp}")
+                log.warning("resuming from step %d: setting %s aside as %s", step, d, target.name)
+                d.rename(target)
 
     # -- loading --------------------------------------------------------------------------------------------
 
     def checkpoints(self) -> list[tuple[int, Path]]:
         """(step, directory) of every step directory, oldest first (complete or not)."""
-        if not self.root.is_dir():
-            return []
-        found = [
-            (int(m.group(1)), d) for d in self.root.iterdir() if d.is_dir() and (m := _STEP_DIR.match(d.name))
-        ]
-        return sorted(found)
+        return step_dirs(self.root)
 
     def problem(self, directory: Path) -> str | None:
         """Why this rank cannot use the checkpoint (its own share of the files), or None."""
@@ -239,22 +255,22 @@ class Checkpointer:
             return None  # `load` refuses it, naming both sizes
         return _listing_problem(directory, self.rank, complete["ranks"].get(str(self.rank)), self.verify)
 
+    def usable(self, directory: Path) -> str | None:
+        """Why some rank cannot use `directory` (a collective call; each rank checks its share), or None."""
+        mine = self.problem(directory)
+        if mine:
+            log.warning("rank %d: checkpoint %s is not usable: %s", self.rank, directory, mine)
+        if distributed.all_reduce(0 if mine is None else 1, op="max").item():
+            return mine or "another rank found its share damaged (its log says how)"
+        return None
+
     def newest_complete(self, before: int | None = None) -> Path | None:
         """The newest checkpoint every rank finds whole (a collective call); damaged ones are reported."""
         for step, directory in reversed(self.checkpoints()):
             if before is not None and step >= before:
                 continue
-            mine = self.problem(directory)
-            bad = distributed.all_reduce(0 if mine is None else 1, op="max").item()
-            if not bad:
+            if self.usable(directory) is None:
                 return directory
-            if mine:
-                log.warning(
-                    "rank %d: checkpoint %s is not usable: %s; trying the one before",
-                    self.rank,
-                    directory,
-                    mine,
-                )
         return None
 
     def load(self, engine, directory: Path) -> dict[str, Any]:

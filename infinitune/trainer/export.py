@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from infinitune.trainer.checkpoint import COMPLETE, STATE, checkpoint_problem, step_dir
+from infinitune.trainer.checkpoint import COMPLETE, STATE, checkpoint_problem, step_dir, step_dirs
 
 log = logging.getLogger(__name__)
 WRAPPER_PREFIX = "lm."  # TokenLossModel holds the HF model as `lm`
@@ -29,13 +31,12 @@ def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
     root = Path(run_dir) / "checkpoints"
     if step is not None:
         directory = step_dir(root, step)
-        problem = checkpoint_problem(directory)
+        problem = checkpoint_problem(directory, "sha256")
         if problem:
             raise ExportError(f"{directory}: not a usable checkpoint: {problem}")
         return directory
-    candidates = sorted(root.glob("step_*"), reverse=True) if root.is_dir() else []
-    for directory in candidates:
-        problem = checkpoint_problem(directory)
+    for _, directory in reversed(step_dirs(root)):
+        problem = checkpoint_problem(directory, "sha256")
         if problem is None:
             return directory
         log.warning("skipping %s: %s", directory, problem)
@@ -125,8 +126,6 @@ def export(
     max_shard_size: str = "5GB",
 ) -> Path:
     """Write the HF directory `out` from a run's checkpoint (newest complete, or `step`)."""
-    from transformers import GenerationConfig
-
     from infinitune.trainer.model import EXPORT_DTYPES
 
     directory = find_checkpoint(run_dir, step)
@@ -138,20 +137,25 @@ def export(
     model = model.to(EXPORT_DTYPES[dtype])
     model.config.use_cache = True  # serving wants the KV cache; training had it off for packing
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
-    tokenizer.save_pretrained(out)
-    generation = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        do_sample=False,
-    )
-    generation.save_pretrained(out)
-    for f in out.iterdir():  # safetensors writes 0600; a serving process often runs as another user
-        if f.is_file():
+    if out.exists() and any(out.iterdir()) and not (out / "config.json").exists():
+        raise ExportError(f"--out {out} exists, is not empty and is not a model directory; choose another")
+    # Written beside and swapped in whole: stale weights of an earlier export must not survive next to it.
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(tmp)
+        _generation_config(directory / "hf", tokenizer).save_pretrained(tmp)
+        for f in tmp.iterdir():  # safetensors writes 0600; a serving process often runs as another user
             f.chmod(0o644)
-    _check_written(out, model)
+        _check_written(tmp, model)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     log.info(
         "exported %s (step %s) to %s as %s",
         directory,
@@ -160,6 +164,24 @@ def export(
         dtype,
     )
     return out
+
+
+def _generation_config(hf: Path, tokenizer: Any):
+    """The base model's generation config (its end-of-turn ids, its defaults), completed from the tokenizer."""
+    from transformers import GenerationConfig
+
+    if (hf / "generation_config.json").exists():
+        generation = GenerationConfig.from_pretrained(hf)
+    else:
+        generation = GenerationConfig(bos_token_id=tokenizer.bos_token_id, do_sample=False)
+    eos = generation.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.append(tokenizer.eos_token_id)
+    generation.eos_token_id = eos[0] if len(eos) == 1 else eos
+    if generation.pad_token_id is None:
+        generation.pad_token_id = tokenizer.pad_token_id
+    return generation
 
 
 def _check_written(out: Path, model: torch.nn.Module) -> None:

@@ -141,9 +141,11 @@ def train(spec: TrainerSpec, ctx: RunContext) -> int:
         faults.maybe_fail("after_step", state.step, w.rank)
 
         stop = False
-        if cfg.eval_every and (state.step % cfg.eval_every == 0 or state.step == cfg.max_steps):
-            stop = evaluate(w, spec, state, ctx)
         preempted = w.preemption.requested()
+        # A preempted run saves first: the scheduler's grace period is not spent on evaluation.
+        due = cfg.eval_every and (state.step % cfg.eval_every == 0 or state.step == cfg.max_steps)
+        if due and not preempted:
+            stop = evaluate(w, spec, state, ctx)
         every = spec.checkpoint.every_steps
         if preempted or stop or state.step == cfg.max_steps or (every and state.step % every == 0):
             save(w, spec, state, ctx)
@@ -151,6 +153,9 @@ def train(spec: TrainerSpec, ctx: RunContext) -> int:
             log.warning(
                 "stopped at step %d on %s with a complete checkpoint", state.step, w.preemption.signal_name
             )
+            if w.preemption.seconds_left() < 0:
+                log.warning("the save ended %.0f s after the grace period", -w.preemption.seconds_left())
+            w.metrics.close()
             return EXIT_PREEMPTED
         if stop:
             log.info("early stop at step %d: validation loss has not improved", state.step)
@@ -259,12 +264,9 @@ def setup(spec: TrainerSpec, ctx: RunContext) -> Workspace:
     )
     base = spec.data.shards_dir
     manifest = read_manifest(base)
-    check_tokenizer(
-        manifest,
-        tokenizer_fingerprint(tokenizer),
-        resolve_chat_template(tokenizer, spec.data.chat_template),
-        base,
-    )
+    # The template the data was rendered with is the one the model learns, generates with and is exported with.
+    tokenizer.chat_template = resolve_chat_template(tokenizer, spec.data.chat_template)
+    check_tokenizer(manifest, tokenizer_fingerprint(tokenizer), tokenizer.chat_template, base)
     check_shards(base, manifest, spec.data.verify, rank, world)
     layout = BatchLayout(spec.train.global_batch_size, world, spec.train.micro_batch_size)
 
@@ -317,9 +319,9 @@ def setup(spec: TrainerSpec, ctx: RunContext) -> Workspace:
         if val_samples
         else None
     )
-    if spec.train.eval_every and val_loader is None:
+    if (spec.train.eval_every or spec.logging.save_logits_probe) and val_loader is None:
         raise DataError(
-            f"{base}: train.eval_every is set but the shards have no validation split; raise "
+            f"{base}: train.eval_every (or logging.save_logits_probe) needs a validation split; raise "
             "data.val_fraction and re-run prepare, or set train.eval_every=0"
         )
 
@@ -331,6 +333,11 @@ def setup(spec: TrainerSpec, ctx: RunContext) -> Workspace:
         saved = checkpointer.load(engine, Path(restore))
         state.load_state_dict(saved)
         train_loader.load_state_dict(saved["data"])
+        if (
+            rank == 0
+        ):  # newer checkpoints (a branch being abandoned, or damaged ones) must not be resumed later
+            checkpointer.set_aside_after(state.step)
+        distributed.barrier()
 
     peak, peak_source = device_peak_tflops(spec.logging.peak_tflops)
     metrics = MetricsWriter(run_dir, enabled=rank == 0, tensorboard=spec.logging.tensorboard)
@@ -379,15 +386,15 @@ def check_shards(base: str, manifest, mode: str, rank: int, world: int) -> None:
 
 
 def resume_target(resume: str, checkpointer: Checkpointer) -> Path | None:
+    """The checkpoint to continue from (every rank agrees), per checkpoint.resume."""
     if resume == "none":
         return None
     if resume == "auto":
         return checkpointer.newest_complete()
     path = Path(resume)
-    if checkpointer.problem(path) is not None:
-        raise FileNotFoundError(
-            f"checkpoint.resume: {resume} is not a complete checkpoint: {checkpointer.problem(path)}"
-        )
+    problem = checkpointer.usable(path)
+    if problem is not None:
+        raise FileNotFoundError(f"checkpoint.resume: {resume} is not a complete checkpoint: {problem}")
     return path
 
 
@@ -397,9 +404,11 @@ def hf_files(lm, tokenizer, model_cfg: ModelConfig) -> dict[str, bytes]:
     import tempfile
 
     files: dict[str, bytes] = {}
-    config = getattr(lm, "get_base_model", lambda: lm)().config
+    base = getattr(lm, "get_base_model", lambda: lm)()
     with tempfile.TemporaryDirectory() as tmp:
-        config.save_pretrained(tmp)
+        base.config.save_pretrained(tmp)
+        if getattr(base, "generation_config", None) is not None:
+            base.generation_config.save_pretrained(tmp)  # the model's own end-of-turn ids and defaults
         tokenizer.save_pretrained(tmp)
         for p in Path(tmp).iterdir():
             files[p.name] = p.read_bytes()

@@ -23,9 +23,11 @@ class Preemption:
         self.signal_name = ""
         if threading.current_thread() is threading.main_thread():
             for sig in signals:
-                signal.signal(sig, self._handle)
+                signal.signal(sig, self.handle)
+        else:  # Python delivers signals to the main thread only; whoever owns it must call handle()
+            log.warning("not on the main thread: preemption signals reach this loop only through handle()")
 
-    def _handle(self, signum, frame) -> None:
+    def handle(self, signum, frame=None) -> None:
         if self.received_at is None:
             self.received_at = time.monotonic()
             self.signal_name = signal.Signals(signum).name

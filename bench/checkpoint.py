@@ -80,9 +80,7 @@ def main() -> None:
     engine.step()  # the optimizer now holds its state
 
     root = Path(args.dir or tempfile.mkdtemp(prefix="ckbench-"))
-    results: dict[str, list[float]] = {
-        k: [] for k in ("ours_save_s", "ours_load_s", "torch_save_s", "torch_load_s")
-    }
+    results: dict[str, list[float]] = {k: [] for k in ("ours_save_s", "ours_load_s", "torch_save_s", "torch_load_s")}
     sizes = {}
     try:
         for i in range(args.repeat):

@@ -69,9 +69,7 @@ def bench_prepare(records, tok, tmp: Path, procs: list[int]) -> list[dict]:
     ds = datasets.Dataset.from_list([{"messages": m} for m in conversations])
 
     def tokenize(batch):
-        out = tok.apply_chat_template(
-            batch["messages"], chat_template=template, tokenize=True, return_dict=True
-        )
+        out = tok.apply_chat_template(batch["messages"], chat_template=template, tokenize=True, return_dict=True)
         return {"input_ids": out["input_ids"]}
 
     rows = []
@@ -133,9 +131,7 @@ def bench_packing(records, tok) -> list[dict]:
                 "padded_batch8_efficiency": sum(kept) / padded_total,
             }
         )
-        print(
-            f"packing seq {seq_len}: best-fit {packed:.4f}, pad-per-batch-of-8 {sum(kept) / padded_total:.4f}"
-        )
+        print(f"packing seq {seq_len}: best-fit {packed:.4f}, pad-per-batch-of-8 {sum(kept) / padded_total:.4f}")
     return rows
 
 

@@ -66,9 +66,7 @@ def packed_batch(micro: int, seq_len: int, vocab: int, generator):
 
 
 def one_stage(args) -> dict:
-    os.environ.update(
-        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port)
-    )
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
     import torch
 
     from infinitune.data_pipeline.stream import BatchLayout
@@ -193,9 +191,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="a tiny model (smoke test on a CPU)")
     ap.add_argument("--profile", action="store_true", help="print a GPU profile of one step")
     ap.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
-    ap.add_argument(
-        "--save-dir", default=None, help="also time one checkpoint save per stage into this directory"
-    )
+    ap.add_argument("--save-dir", default=None, help="also time one checkpoint save per stage into this directory")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
     if args.stage is not None:

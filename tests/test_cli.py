@@ -39,9 +39,7 @@ def test_generate_then_prepare(tmp_path, tiny_tokenizer_dir):
     out = run("generate-data", "--n", "300", "--seed", "1", "--out", str(data), "--format", "messages")
     assert out.returncode == 0, out.stderr
     assert len(data.read_text().splitlines()) == 300
-    out = run(
-        "prepare", str(job(tmp_path, tiny_tokenizer_dir, data)), "data.val_fraction=0.1", "--num-proc", "1"
-    )
+    out = run("prepare", str(job(tmp_path, tiny_tokenizer_dir, data)), "data.val_fraction=0.1", "--num-proc", "1")
     assert out.returncode == 0, out.stderr
     manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
     assert manifest["sources"][0]["records"] == 300 and manifest["sources"][0]["format"] == "messages"

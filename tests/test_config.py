@@ -127,9 +127,7 @@ def test_seq_len_beyond_the_models_positions_is_refused(tmp_path):
     with pytest.raises(ConfigError) as info:
         check_against_model(cfg)
     assert info.value.key == "data.seq_len" and "128 positions" in str(info.value)
-    check_against_model(
-        load_job_config(_write(tmp_path, BASE), [f"model.path={model_dir}", "data.seq_len=128"])
-    )
+    check_against_model(load_job_config(_write(tmp_path, BASE), [f"model.path={model_dir}", "data.seq_len=128"]))
 
 
 def test_override_syntax_errors():

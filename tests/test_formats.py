@@ -37,9 +37,7 @@ def as_messages(chat):
     return {"messages": [dict(m) for m in chat]}
 
 
-@pytest.mark.parametrize(
-    "convert, fmt", [(as_alpaca, "alpaca"), (as_sharegpt, "sharegpt"), (as_messages, "messages")]
-)
+@pytest.mark.parametrize("convert, fmt", [(as_alpaca, "alpaca"), (as_sharegpt, "sharegpt"), (as_messages, "messages")])
 def test_each_format_round_trips_to_the_same_conversation(convert, fmt):
     record = convert(CHAT)
     assert detect_format([record]) == fmt

@@ -26,11 +26,7 @@ def make_docs(lengths, seed=0):
 
 
 @settings(max_examples=300, deadline=None)
-@given(
-    st.integers(8, 300).flatmap(
-        lambda cap: st.tuples(st.just(cap), st.lists(st.integers(1, cap), max_size=200))
-    )
-)
+@given(st.integers(8, 300).flatmap(lambda cap: st.tuples(st.just(cap), st.lists(st.integers(1, cap), max_size=200))))
 def test_best_fit_places_every_item_once_within_capacity(case):
     capacity, lengths = case
     bins = best_fit_decreasing(lengths, capacity)
@@ -67,9 +63,7 @@ def test_packing_keeps_every_token_once_and_separates_documents(case, packing):
         for a, b in zip(starts, starts[1:]):
             assert row_pos[a:b].tolist() == list(range(b - a))
             run = row_ids[a:b]
-            assert (run == PAD).all() or (
-                (np.diff(run) == 1).all() and run[0] in {int(d[0][0]) for d in docs}
-            )
+            assert (run == PAD).all() or ((np.diff(run) == 1).all() and run[0] in {int(d[0][0]) for d in docs})
         assert (row_ids[n_real:] == PAD).all()
     if not packing:
         assert len(packed) == len(docs)

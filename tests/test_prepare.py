@@ -47,9 +47,7 @@ def documents_of(rows):
 
 def test_prepare_writes_what_the_encoder_makes_and_accounts_for_every_record(tmp_path, tiny_tokenizer):
     src = write_jsonl(tmp_path / "synth.jsonl", (synthetic.make_record(0, i) for i in range(600)))
-    cfg = data_config(
-        tmp_path, [{"path": str(src)}], val_fraction=0.1, samples_per_shard=20, records_per_chunk=250
-    )
+    cfg = data_config(tmp_path, [{"path": str(src)}], val_fraction=0.1, samples_per_shard=20, records_per_chunk=250)
     manifest = prepare(cfg, tiny_tokenizer, num_proc=1, progress=False)
 
     assert read_manifest(cfg.shards_dir).to_json() == manifest.to_json()
@@ -105,9 +103,7 @@ def test_output_is_identical_for_any_number_of_processes(tmp_path, tiny_tokenize
 def test_weights_repeat_and_subsample(tmp_path, tiny_tokenizer):
     a = write_jsonl(tmp_path / "a.jsonl", (synthetic.make_record(0, i) for i in range(200)))
     b = write_jsonl(tmp_path / "b.jsonl", (synthetic.make_record(1, i, fmt="messages") for i in range(400)))
-    cfg = data_config(
-        tmp_path, [{"path": str(a), "weight": 2.0}, {"path": str(b), "weight": 0.25}], val_fraction=0
-    )
+    cfg = data_config(tmp_path, [{"path": str(a), "weight": 2.0}, {"path": str(b), "weight": 0.25}], val_fraction=0)
     manifest = prepare(cfg, tiny_tokenizer, num_proc=1, progress=False)
     sa, sb = manifest.sources
     assert sa["kept"] == 200 and sa["train_documents"] == 400
@@ -138,9 +134,7 @@ def test_too_long_records_are_truncated_or_dropped_and_counted(tmp_path, tiny_to
     rows = read_split(cfg.shards_dir, manifest, "train")
     assert all(len(r["input_ids"]) == 64 for r in rows)
     report = [json.loads(x) for x in (tmp_path / "shards" / SKIPPED_REPORT).read_text().splitlines()]
-    assert [r["location"].rsplit(":", 1)[1] for r in report] == (
-        ["3"] if policy == "truncate" else ["1", "3"]
-    )
+    assert [r["location"].rsplit(":", 1)[1] for r in report] == (["3"] if policy == "truncate" else ["1", "3"])
 
 
 GOOD_SHAREGPT = {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}
@@ -162,9 +156,7 @@ def test_bad_input_stops_with_file_line_and_fix(tmp_path, tiny_tokenizer, line, 
     fmt = "sharegpt" if "conversations" in str(line) else "alpaca"
     good = json.dumps(GOOD_SHAREGPT if fmt == "sharegpt" else synthetic.make_record(0, 0)).encode()
     path = tmp_path / "bad.jsonl"
-    path.write_bytes(
-        b"\n".join([good, good, line if isinstance(line, bytes) else line.encode(), good]) + b"\n"
-    )
+    path.write_bytes(b"\n".join([good, good, line if isinstance(line, bytes) else line.encode(), good]) + b"\n")
     cfg = data_config(tmp_path, [{"path": str(path), "format": fmt}], val_fraction=0)
     with pytest.raises(DataError) as info:
         prepare(cfg, tiny_tokenizer, num_proc=1, progress=False)
@@ -187,11 +179,7 @@ def test_skip_invalid_counts_every_reason_and_reports_the_records(tmp_path, tiny
     a, s = manifest.sources
     assert a["dropped"] == {"bad_json": 1, "bad_utf8": 1, "empty_answer": 1, "missing_field": 1}
     assert a["records"] == 6 and a["kept"] == 2
-    assert (
-        s["format"] == "sharegpt"
-        and s["dropped"] == {"not_alternating": 1, "unknown_role": 1}
-        and s["kept"] == 1
-    )
+    assert s["format"] == "sharegpt" and s["dropped"] == {"not_alternating": 1, "unknown_role": 1} and s["kept"] == 1
     report = [json.loads(x) for x in (tmp_path / "shards" / SKIPPED_REPORT).read_text().splitlines()]
     assert sorted(r["reason"] for r in report) == sorted([*a["dropped"], *s["dropped"]])
     # In a JSON array, a record's location is the line of its opening brace.
@@ -213,9 +201,7 @@ def test_undetectable_format_and_missing_file_are_clear(tmp_path, tiny_tokenizer
     with pytest.raises(DataError, match=r"data\.sources\.0: cannot tell the format .*keys \['text'\]"):
         prepare(data_config(tmp_path, [{"path": str(path)}]), tiny_tokenizer, num_proc=1, progress=False)
     with pytest.raises(DataError, match="does not exist"):
-        prepare(
-            data_config(tmp_path, [{"path": str(tmp_path / "nope.jsonl")}]), tiny_tokenizer, progress=False
-        )
+        prepare(data_config(tmp_path, [{"path": str(tmp_path / "nope.jsonl")}]), tiny_tokenizer, progress=False)
 
 
 def test_parquet_and_saved_datasets_and_directories(tmp_path, tiny_tokenizer):
@@ -263,9 +249,7 @@ def test_prepare_replaces_old_shards_but_not_a_foreign_directory(tmp_path, tiny_
 
 @needs_smollm2
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "name, fmt", [("alpaca_en_demo.json", "alpaca"), ("glaive_toolcall_en_demo.json", "sharegpt")]
-)
+@pytest.mark.parametrize("name, fmt", [("alpaca_en_demo.json", "alpaca"), ("glaive_toolcall_en_demo.json", "sharegpt")])
 def test_real_data_with_smollm2(tmp_path, smol_tokenizer, name, fmt):
     path = shared_data(name)
     cfg = data_config(tmp_path, [{"path": str(path)}], seq_len=1024)

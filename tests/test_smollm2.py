@@ -55,9 +55,7 @@ def test_smollm2_zero3_train_export_generate(tmp_path):
     cli("train", str(config))
     run_dir = tmp_path / "runs" / "smol"
     losses = [
-        json.loads(x)["train/loss"]
-        for x in (run_dir / "metrics.jsonl").read_text().splitlines()
-        if "train/loss" in x
+        json.loads(x)["train/loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines() if "train/loss" in x
     ]
     assert len(losses) == 3 and all(0.5 < loss < 4 for loss in losses)  # a pretrained model: ~1.6-1.9 here
     cli("export", str(run_dir), "--out", str(tmp_path / "export"))

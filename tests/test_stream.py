@@ -47,9 +47,7 @@ def shards(tmp_path_factory, tiny_tokenizer):
 def loaders(base, world, workers=0, split="train", seed=0, window=40, **kw):
     layout = BatchLayout(G, world, M)
     return [
-        StatefulLoader(
-            base, split, layout=layout, rank=r, seed=seed, shuffle_window=window, num_workers=workers, **kw
-        )
+        StatefulLoader(base, split, layout=layout, rank=r, seed=seed, shuffle_window=window, num_workers=workers, **kw)
         for r in range(world)
     ]
 

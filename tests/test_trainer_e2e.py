@@ -78,9 +78,7 @@ def test_zero3_trains_and_keeps_complete_checkpoints(reference):
 def test_tensorboard_holds_every_scalar_and_the_config(reference):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(
-        str(run_dir_of(reference) / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0}
-    )
+    acc = EventAccumulator(str(run_dir_of(reference) / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
     scalars = set(acc.Tags()["scalars"])
     assert set(SCALARS) <= scalars, set(SCALARS) - scalars
@@ -200,7 +198,7 @@ def test_ctrl_c_on_the_launcher_saves_and_stops_every_worker(setup, runs):
         setup, runs, "interrupted", train={"max_steps": 1000, "eval_every": 0}, checkpoint={"every_steps": 0}
     )
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "infinitune.launcher.cli", "train", str(config)],
+        [sys.executable, "-m", "infinitune.launcher.cli", "train", str(config), "--local"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

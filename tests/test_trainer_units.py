@@ -84,10 +84,7 @@ def test_deepspeed_config_follows_our_sections():
         2,
         4,
     )
-    assert (
-        c["zero_optimization"]["stage"] == 3
-        and c["zero_optimization"]["stage3_param_persistence_threshold"] == 0
-    )
+    assert c["zero_optimization"]["stage"] == 3 and c["zero_optimization"]["stage3_param_persistence_threshold"] == 0
     assert c["bf16"]["enabled"] and not c["fp16"]["enabled"] and c["gradient_clipping"] == 0.5
     assert "optimizer" not in c  # a client torch AdamW: nothing to compile
     off = deepspeed_config(
@@ -98,9 +95,7 @@ def test_deepspeed_config_follows_our_sections():
     assert off["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert off["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert off["optimizer"]["type"] == "AdamW"  # DeepSpeed's CPU Adam steps the offloaded state
-    zero0 = deepspeed_config(
-        DeepSpeedConfig(zero_stage=0, precision="fp32"), TrainConfig(), BatchLayout(8, 1, 1)
-    )
+    zero0 = deepspeed_config(DeepSpeedConfig(zero_stage=0, precision="fp32"), TrainConfig(), BatchLayout(8, 1, 1))
     assert zero0["zero_optimization"] == {"stage": 0} and not zero0["bf16"]["enabled"]
 
 
@@ -146,9 +141,7 @@ def test_checkpoint_completeness_is_checked_file_by_file(tmp_path):
     assert "truncated" in checkpoint_problem(good)
     flipped = _fake_checkpoint(tmp_path / "b")
     (flipped / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"y" * 10)
-    assert checkpoint_problem(flipped, "size") is None and "corrupted" in checkpoint_problem(
-        flipped, "sha256"
-    )
+    assert checkpoint_problem(flipped, "size") is None and "corrupted" in checkpoint_problem(flipped, "sha256")
     partial = _fake_checkpoint(tmp_path / "c")
     (partial / COMPLETE).unlink()
     assert "no completeness marker" in checkpoint_problem(partial)

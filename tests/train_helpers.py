@@ -22,9 +22,7 @@ def make_tiny_setup(root: Path, tokenizer_dir: Path, records: int = 1500) -> dic
     from infinitune.typed_config import from_dict
 
     model = save_tiny_llama(root / "model", tokenizer_dir, max_positions=256)
-    synthetic.write_jsonl(
-        str(root / "synth.jsonl"), records, seed=0, tasks=["reverse", "uppercase", "parity"]
-    )
+    synthetic.write_jsonl(str(root / "synth.jsonl"), records, seed=0, tasks=["reverse", "uppercase", "parity"])
     data = {
         "sources": [{"path": str(root / "synth.jsonl")}],
         "seq_len": 128,
@@ -85,9 +83,7 @@ def run(config: Path, env: dict | None = None, nproc: int = 2) -> int:
 
 
 def logs(config: Path) -> str:
-    return "\n".join(
-        p.read_text(errors="replace") for p in sorted((run_dir_of(config) / "logs").glob("*.log"))
-    )
+    return "\n".join(p.read_text(errors="replace") for p in sorted((run_dir_of(config) / "logs").glob("*.log")))
 
 
 def step_losses(config: Path) -> dict[int, float]:

@@ -103,12 +103,8 @@ class DataConfig:
         require(8 <= self.seq_len <= 1_048_576, "seq_len", f"must be in [8, 1048576]; got {self.seq_len}")
         require(0 <= self.val_fraction < 1, "val_fraction", f"must be in [0, 1); got {self.val_fraction}")
         require(bool(self.shards_dir.strip()), "shards_dir", "must name a directory")
-        require(
-            self.samples_per_shard > 0, "samples_per_shard", f"must be positive; got {self.samples_per_shard}"
-        )
-        require(
-            self.records_per_chunk > 0, "records_per_chunk", f"must be positive; got {self.records_per_chunk}"
-        )
+        require(self.samples_per_shard > 0, "samples_per_shard", f"must be positive; got {self.samples_per_shard}")
+        require(self.records_per_chunk > 0, "records_per_chunk", f"must be positive; got {self.records_per_chunk}")
         require(self.num_proc >= 0, "num_proc", f"must be >= 0; got {self.num_proc}")
         require(self.shuffle_window > 0, "shuffle_window", f"must be positive; got {self.shuffle_window}")
         require(self.num_workers >= 0, "num_workers", f"must be >= 0; got {self.num_workers}")

@@ -118,15 +118,11 @@ def check_structure(messages: list[dict[str, str]]) -> None:
 def _field(record: Mapping[str, Any], name: str, kind: type, required: bool = True) -> Any:
     if name not in record or record[name] is None:
         if required:
-            raise RecordError(
-                "missing_field", f"field {name!r} is missing (fields present: {sorted(record)})"
-            )
+            raise RecordError("missing_field", f"field {name!r} is missing (fields present: {sorted(record)})")
         return None
     value = record[name]
     if not isinstance(value, kind):
-        raise RecordError(
-            "wrong_type", f"field {name!r} must be a {kind.__name__}, got {type(value).__name__}"
-        )
+        raise RecordError("wrong_type", f"field {name!r} must be a {kind.__name__}, got {type(value).__name__}")
     return value
 
 

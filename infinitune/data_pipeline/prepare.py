@@ -116,9 +116,7 @@ class _Worker:
                 continue
             keep.append((where, record, conv, copies))
 
-        passes: list[list[tuple[np.ndarray, np.ndarray]]] = [
-            [] for _ in range(max([k[3] for k in keep] + [1]))
-        ]
+        passes: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(max([k[3] for k in keep] + [1]))]
         val_docs = []
         for (where, record, _, copies), encoded in zip(keep, self.encoder.encode([k[2] for k in keep])):
             if isinstance(encoded, RecordError):
@@ -132,9 +130,7 @@ class _Worker:
                     continue
                 ids, labels = ids[: cfg.seq_len], labels[: cfg.seq_len]
                 if not (labels != IGNORE).any():
-                    reason = RecordError(
-                        "no_trained_tokens", f"no answer token within the first {cfg.seq_len}"
-                    )
+                    reason = RecordError("no_trained_tokens", f"no answer token within the first {cfg.seq_len}")
                     self._drop(res, where, reason, record)
                     continue
                 res.counts["truncated"] += 1
@@ -168,9 +164,7 @@ class _Worker:
                 "trained_tokens": (packed.labels[sl] != IGNORE).sum(),
                 "documents": packed.documents[sl].sum(),
             }
-            infos.append(
-                write_shard(os.path.join(self.out_dir, f"{split}-{unit:05d}-{k:04d}.tar"), rows, stats)
-            )
+            infos.append(write_shard(os.path.join(self.out_dir, f"{split}-{unit:05d}-{k:04d}.tar"), rows, stats))
         return infos
 
 
@@ -309,9 +303,7 @@ def prepare(
     return manifest
 
 
-def _finish(
-    cfg: DataConfig, tokenizer: Any, chat_template: str, results: list[ChunkResult], tmp: Path
-) -> Manifest:
+def _finish(cfg: DataConfig, tokenizer: Any, chat_template: str, results: list[ChunkResult], tmp: Path) -> Manifest:
     """Write the skipped-records report and, last, the manifest into `tmp`."""
 
     manifest = Manifest(

@@ -87,13 +87,10 @@ class Manifest:
                     "re-run `infinitune prepare` with this version"
                 )
             splits = {
-                name: SplitInfo([ShardInfo(**s) for s in split["shards"]])
-                for name, split in data["splits"].items()
+                name: SplitInfo([ShardInfo(**s) for s in split["shards"]]) for name, split in data["splits"].items()
             }
             fields = {k: data[k] for k in ("seq_len", "tokenizer", "chat_template", "sources", "settings")}
-            manifest = cls(
-                splits=splits, format_version=version, created_by=data.get("created_by", ""), **fields
-            )
+            manifest = cls(splits=splits, format_version=version, created_by=data.get("created_by", ""), **fields)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             if isinstance(e, DataError):
                 raise
@@ -127,9 +124,7 @@ def read_manifest(base: str) -> Manifest:
         with open_url(url) as f:
             text = f.read().decode("utf-8")
     except FileNotFoundError:
-        raise DataError(
-            f"{url}: no manifest here; run `infinitune prepare CONFIG` to write the shards"
-        ) from None
+        raise DataError(f"{url}: no manifest here; run `infinitune prepare CONFIG` to write the shards") from None
     except OSError as e:
         raise DataError(f"{url}: cannot read the manifest: {e}") from None
     return Manifest.from_json(text, url)
@@ -167,9 +162,7 @@ def write_shard(path: str, rows: Iterable[dict[str, np.ndarray]], stats: dict[st
     try:
         return _write_shard(path, rows, stats)
     except OSError as e:  # a full disk, a read-only or vanished directory
-        raise DataError(
-            f"{path}: cannot write the shard ({e}); free space or fix the directory and re-run"
-        ) from None
+        raise DataError(f"{path}: cannot write the shard ({e}); free space or fix the directory and re-run") from None
 
 
 def _write_shard(path: str, rows: Iterable[dict[str, np.ndarray]], stats: dict[str, int]) -> ShardInfo:
@@ -220,9 +213,7 @@ def iter_shard(
                 try:
                     arrays = {k: np.load(io.BytesIO(sample[f"{k}.npy"]), allow_pickle=False) for k in FIELDS}
                 except (KeyError, ValueError) as e:
-                    raise DataError(
-                        f"{url}: sample {key} is malformed ({e}); re-run infinitune prepare"
-                    ) from None
+                    raise DataError(f"{url}: sample {key} is malformed ({e}); re-run infinitune prepare") from None
                 yield expected, arrays
         if count is not None and expected + 1 != count:
             raise DataError(
@@ -232,9 +223,7 @@ def iter_shard(
     except DataError:
         raise
     except FileNotFoundError:
-        raise DataError(
-            f"{url}: shard listed in the manifest is missing; restore it or re-run prepare"
-        ) from None
+        raise DataError(f"{url}: shard listed in the manifest is missing; restore it or re-run prepare") from None
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:
         raise DataError(f"{url}: cannot read the shard ({type(e).__name__}: {e}); it is damaged") from None
 
@@ -254,9 +243,7 @@ def verify_shard(base: str, shard: ShardInfo, mode: str = "sha256") -> None:
                 if mode == "size" and size > shard.bytes:
                     break
     except FileNotFoundError:
-        raise DataError(
-            f"{url}: shard listed in the manifest is missing; restore it or re-run prepare"
-        ) from None
+        raise DataError(f"{url}: shard listed in the manifest is missing; restore it or re-run prepare") from None
     except OSError as e:
         raise DataError(f"{url}: cannot read shard: {e}") from None
     if size != shard.bytes:

@@ -38,9 +38,7 @@ def source_files(src: SourceConfig, key: str) -> list[Path] | None:
             return None  # written by save_to_disk
         files = sorted(f for f in p.rglob("*") if f.suffix in (*_FILE_SUFFIXES, *_BUILDERS) and f.is_file())
         if not files:
-            raise DataError(
-                f"{key}: the directory {path} holds no .json, .jsonl, .parquet, .csv or .arrow file"
-            )
+            raise DataError(f"{key}: the directory {path} holds no .json, .jsonl, .parquet, .csv or .arrow file")
         return files
     if p.is_file():
         return [p]
@@ -133,9 +131,7 @@ def _iter_json_array(path: Path) -> Iterator[tuple[str, Any]]:
             byte = ord(bad.group()) - 0xDC00
             yield (
                 where,
-                RecordError(
-                    "bad_utf8", f"byte 0x{byte:02x} on line {line + text.count(chr(10), pos, bad.start())}"
-                ),
+                RecordError("bad_utf8", f"byte 0x{byte:02x} on line {line + text.count(chr(10), pos, bad.start())}"),
             )
         else:
             yield where, value

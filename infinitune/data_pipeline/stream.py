@@ -86,10 +86,7 @@ class GlobalOrder:
             if len(self._windows) > 8:
                 self._windows.clear()
             ids = np.concatenate(
-                [
-                    np.arange(self.shard_offsets[s], self.shard_offsets[s + 1])
-                    for s in self.epoch(e).window_shards[w]
-                ]
+                [np.arange(self.shard_offsets[s], self.shard_offsets[s + 1]) for s in self.epoch(e).window_shards[w]]
             )
             if self.shuffle:
                 ids = np.random.default_rng([self.seed, e, w]).permutation(ids)
@@ -209,10 +206,7 @@ class ShardStream(IterableDataset):
         """Micro-batches this rank yields (None: unending)."""
         if self.end is None:
             return None
-        return (
-            math.ceil(max(self.end - self.start, 0) / self.layout.global_batch_size)
-            * self.layout.accumulation
-        )
+        return math.ceil(max(self.end - self.start, 0) / self.layout.global_batch_size) * self.layout.accumulation
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -241,9 +235,7 @@ class ShardStream(IterableDataset):
                 for key in needed:
                     if key not in cache:
                         cache[key] = self._load_window(*key, worker, workers, t)
-            rows = [
-                self._filler() if key is None else cache[key][sid] for key, sid in zip(keys, ids.tolist())
-            ]
+            rows = [self._filler() if key is None else cache[key][sid] for key, sid in zip(keys, ids.tolist())]
             b, j = divmod(t, self.layout.accumulation)
             yield {
                 **{k: torch.from_numpy(np.stack([r[k] for r in rows]).astype(np.int64)) for k in FIELDS},
@@ -382,9 +374,7 @@ class StatefulLoader:
         self.position = int(state["position"])
 
 
-def verify_shards(
-    base: str, manifest: Manifest, mode: str = "sha256", rank: int = 0, world_size: int = 1
-) -> int:
+def verify_shards(base: str, manifest: Manifest, mode: str = "sha256", rank: int = 0, world_size: int = 1) -> int:
     """Check this rank's share of all shards (every world_size-th) against the manifest; returns how many."""
     shards = [s for split in manifest.splits.values() for s in split.shards]
     mine = shards[rank::world_size]

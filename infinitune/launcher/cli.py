@@ -41,9 +41,7 @@ def cmd_generate_data(args: argparse.Namespace) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     t0 = time.perf_counter()
     synthetic.write_jsonl(args.out, args.n, args.seed, tasks, args.format)
-    print(
-        f"wrote {args.n} {args.format} records (seed {args.seed}) to {args.out} in {time.perf_counter() - t0:.1f}s"
-    )
+    print(f"wrote {args.n} {args.format} records (seed {args.seed}) to {args.out} in {time.perf_counter() - t0:.1f}s")
     return 0
 
 
@@ -79,29 +77,33 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_workers(cfg, run_dir: Path) -> int:
+def _run(cfg, run_dir: Path, local: bool) -> int:
+    """Run the job's workers on Ray (default) or as local processes; returns the exit code."""
     from infinitune.data_pipeline.shards import read_manifest
     from infinitune.launcher.job_config import save_job_config
-    from infinitune.launcher.local import start_workers, wait_workers
     from infinitune.trainer.preemption import EXIT_PREEMPTED
 
-    read_manifest(cfg.data.shards_dir)  # shards must exist before workers start
+    read_manifest(cfg.data.shards_dir)  # shards must exist before any worker (or Ray) starts
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.yaml"
     save_job_config(cfg, config_path)
-    print(f"run directory: {run_dir}\ntensorboard:   tensorboard --logdir {run_dir / 'tensorboard'}")
-    code = wait_workers(
-        start_workers(config_path, cfg.cluster.num_workers), cfg.checkpoint.preemption_grace_s
-    )
+    print(f"run directory: {run_dir}\ntensorboard:   tensorboard --logdir {run_dir / 'tensorboard'}", flush=True)
+    if local:
+        from infinitune.launcher.local import start_workers, wait_workers
+
+        code = wait_workers(start_workers(config_path, cfg.cluster.num_workers), cfg.checkpoint.preemption_grace_s)
+    else:
+        from infinitune.cluster.ray_job import JobFailed, run_job
+
+        try:
+            code = run_job(cfg.to_dict(), run_dir, cfg.cluster, cfg.checkpoint.keep_last, cfg.train.max_steps)
+        except JobFailed as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     if code == 0:
-        print(
-            f"done: checkpoints in {run_dir / 'checkpoints'}; export with `infinitune export {run_dir} --out DIR`"
-        )
+        print(f"done: checkpoints in {run_dir / 'checkpoints'}; export with `infinitune export {run_dir} --out DIR`")
     elif code == EXIT_PREEMPTED:
-        print(
-            f"stopped with a complete checkpoint; continue with `infinitune resume {run_dir}`",
-            file=sys.stderr,
-        )
+        print(f"stopped with a complete checkpoint; continue with `infinitune resume {run_dir}`", file=sys.stderr)
     else:
         print(
             f"training failed (exit {code}); continue from the last checkpoint with `infinitune resume {run_dir}`",
@@ -115,7 +117,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_job_config(args.config, args.overrides)
     check_against_model(cfg)
-    return _run_workers(cfg, Path(cfg.cluster.storage_path) / cfg.name)
+    return _run(cfg, Path(cfg.cluster.storage_path) / cfg.name, args.local)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -126,16 +128,59 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if not config.is_file():
         raise ConfigError("", f"{run_dir} is not a run directory (no config.yaml)")
     cfg = load_job_config(config, [*args.overrides, "checkpoint.resume=auto"])
-    return _run_workers(cfg, run_dir)
+    return _run(cfg, run_dir, args.local)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from infinitune.cluster import jobs
+    from infinitune.launcher.job_config import load_job_config
+
+    load_job_config(args.config, args.overrides)  # refuse a bad config before anything reaches the cluster
+    config = Path(args.config).resolve()
+    if not config.is_relative_to(Path.cwd()):
+        raise ConfigError("", f"{args.config} must lie inside the working directory, which is what is uploaded")
+    job_id = jobs.submit(args.address, str(config.relative_to(Path.cwd())), args.overrides)
+    print(job_id)
+    print(
+        f"follow it: infinitune status {job_id} --address {args.address}; infinitune logs {job_id} --address ...",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from infinitune.cluster import jobs
+
+    if Path(args.target).is_dir():
+        print(json.dumps(jobs.run_status(args.target), indent=1))
+        return 0
+    if not args.address:
+        raise ConfigError("--address", f"{args.target} is not a run directory; a job id needs the cluster's --address")
+    print(json.dumps(jobs.status(args.address, args.target), indent=1))
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from infinitune.cluster import jobs
+
+    print(jobs.logs(args.address, args.job_id), end="")
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from infinitune.cluster import jobs
+
+    print("stopping" if jobs.stop(args.address, args.job_id) else "not running")
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from infinitune.trainer.export import export
 
     out = export(args.run_dir, args.out, step=args.step, dtype=args.dtype, max_shard_size=args.max_shard_size)
-    print(
-        f"exported to {out}\n  transformers: AutoModelForCausalLM.from_pretrained('{out}')\n  vLLM: vllm serve {out}"
-    )
+    print(f"exported to {out}\n  transformers: AutoModelForCausalLM.from_pretrained('{out}')\n  vLLM: vllm serve {out}")
     return 0
 
 
@@ -187,9 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser(
-        "generate-data", help="write synthetic instruction tasks with checkable answers (JSONL)"
-    )
+    p = sub.add_parser("generate-data", help="write synthetic instruction tasks with checkable answers (JSONL)")
     p.add_argument("--n", type=_count, required=True, help="number of records")
     p.add_argument("--seed", type=int, default=0, help="stream seed (use another seed for held-out tasks)")
     p.add_argument("--out", required=True, help="output .jsonl file")
@@ -203,29 +246,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-proc", type=int, default=None, help="processes (default: data.num_proc)")
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser(
-        "train", help="fine-tune: the job's workers on this machine (DeepSpeed over gloo/NCCL)"
-    )
+    p = sub.add_parser("train", help="fine-tune on Ray (embedded, or cluster.address) with DeepSpeed workers")
     _add_overrides(p)
+    p.add_argument("--local", action="store_true", help="run the workers as plain local processes, without Ray")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser(
-        "resume", help="continue a stopped or preempted run from its newest complete checkpoint"
-    )
+    p = sub.add_parser("submit", help="submit the job to a Ray cluster as a Ray Job; prints its id")
+    _add_overrides(p)
+    p.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://HEAD:8265")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("status", help="where a run directory or a submitted job stands")
+    p.add_argument("target", help="a run directory, or a job id (with --address)")
+    p.add_argument("--address", default=None, help="the cluster's dashboard, for a job id")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("logs", help="a submitted job's output")
+    p.add_argument("job_id")
+    p.add_argument("--address", required=True)
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("stop", help="stop a submitted job (its workers save at their next step boundary)")
+    p.add_argument("job_id")
+    p.add_argument("--address", required=True)
+    p.set_defaults(func=cmd_stop)
+
+    p = sub.add_parser("resume", help="continue a stopped or preempted run from its newest complete checkpoint")
     p.add_argument("run_dir", help="the run directory (cluster.storage_path/name)")
-    p.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="e.g. train.max_steps=2000 to extend a run"
-    )
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.max_steps=2000 to extend a run")
+    p.add_argument("--local", action="store_true", help="run the workers as plain local processes, without Ray")
     p.set_defaults(func=cmd_resume)
 
-    p = sub.add_parser(
-        "export", help="a run's checkpoint -> an HF directory (safetensors, tokenizer), LoRA merged"
-    )
+    p = sub.add_parser("export", help="a run's checkpoint -> an HF directory (safetensors, tokenizer), LoRA merged")
     p.add_argument("run_dir")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument(
-        "--step", type=int, default=None, help="checkpoint step (default: the newest complete one)"
-    )
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest complete one)")
     p.add_argument(
         "--dtype",
         choices=["bfloat16", "float16", "float32"],
@@ -259,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from infinitune.data_pipeline.errors import DataError
     from infinitune.data_pipeline.tokenizer import ModelSourceError
 
-    known: tuple[type[Exception], ...] = (ConfigError, DataError, ModelSourceError)
+    known: tuple[type[Exception], ...] = (ConfigError, DataError, ModelSourceError, ConnectionError)
     if args.command in ("export", "generate"):
         from infinitune.trainer.export import ExportError
 

@@ -24,9 +24,7 @@ def _corpus(n: int):
     yield "The quick brown fox jumps over the lazy dog. Hello, world! 0123456789"
 
 
-def train_tiny_tokenizer(
-    out_dir: str | Path, vocab_size: int = 512, chat_template: str | None = CHATML_TEMPLATE
-):
+def train_tiny_tokenizer(out_dir: str | Path, vocab_size: int = 512, chat_template: str | None = CHATML_TEMPLATE):
     """Train a byte-level BPE tokenizer on synthetic tasks, save it to `out_dir` and return it.
 
     Every byte is in the vocabulary, so any text (any language, any bytes) can be tokenised.

@@ -161,27 +161,34 @@ def step_dirs(root: Path) -> list[tuple[int, Path]]:
     """(step, directory) of every step directory under `root`, by step (complete or not)."""
     if not root.is_dir():
         return []
-    return sorted(
-        (int(m.group(1)), d) for d in root.iterdir() if d.is_dir() and (m := _STEP_DIR.match(d.name))
-    )
+    return sorted((int(m.group(1)), d) for d in root.iterdir() if d.is_dir() and (m := _STEP_DIR.match(d.name)))
 
 
 class Checkpointer:
     """save(step, ...) and load(...) -> trainer state or None, for all ranks together (collective calls)."""
 
     def __init__(
-        self, root: str | Path, rank: int, world_size: int, keep_last: int = 2, verify: str = "sha256"
+        self,
+        root: str | Path,
+        rank: int,
+        world_size: int,
+        keep_last: int = 2,
+        verify: str = "sha256",
+        shared: bool = True,
     ):
+        """`root` is where checkpoints are written: one directory all ranks share (a local or shared file
+        system), or, with shared=False, a directory of this rank's own from which the launcher persists
+        each checkpoint (Ray merges every rank's files into one directory in its storage)."""
         self.root = Path(root)
         self.rank, self.world_size = rank, world_size
-        self.keep_last, self.verify = keep_last, verify
+        self.keep_last, self.verify, self.shared = keep_last, verify, shared
 
     # -- saving ---------------------------------------------------------------------------------------------
 
     def save(self, step: int, engine, trainer_state: dict[str, Any], hf_files: dict[str, bytes]) -> Path:
         """Write checkpoint `step` with every rank; returns its directory once it is complete."""
         directory = step_dir(self.root, step)
-        if self.rank == 0:
+        if self.rank == 0 or not self.shared:
             if directory.exists():  # debris of an attempt that died before completing: never loaded
                 shutil.rmtree(directory)
             self.root.mkdir(parents=True, exist_ok=True)
@@ -200,20 +207,18 @@ class Checkpointer:
         mine = _files_of(directory, self.rank)
         for rel in mine:
             _fsync(directory / rel)
-        listing = {
-            rel: {"bytes": (directory / rel).stat().st_size, "sha256": _sha256(directory / rel)}
-            for rel in mine
-        }
+        listing = {rel: {"bytes": (directory / rel).stat().st_size, "sha256": _sha256(directory / rel)} for rel in mine}
         _write_json_atomic(directory / f"files.rank{self.rank}.json", listing)
-        distributed.barrier()
+        # Every rank's listing, by its hash, goes into the marker: gathered, since the ranks' files may lie
+        # in different places until the launcher persists them together.
+        hashes = distributed.all_gather_object(_sha256(directory / f"files.rank{self.rank}.json"))
         if self.rank == 0:
-            ranks = {r: _sha256(directory / f"files.rank{r}.json") for r in range(self.world_size)}
-            _write_json_atomic(
-                directory / COMPLETE, {"step": step, "world_size": self.world_size, "ranks": ranks}
-            )
-            (self.root / f"{LATEST}.tmp").write_text(directory.name)
-            os.replace(self.root / f"{LATEST}.tmp", self.root / LATEST)
-            self._prune(keep=directory)
+            ranks = {str(r): h for r, h in enumerate(hashes)}
+            _write_json_atomic(directory / COMPLETE, {"step": step, "world_size": self.world_size, "ranks": ranks})
+            if self.shared:
+                (self.root / f"{LATEST}.tmp").write_text(directory.name)
+                os.replace(self.root / f"{LATEST}.tmp", self.root / LATEST)
+                self._prune(keep=directory)
         distributed.barrier()
         return directory
 
@@ -283,7 +288,7 @@ class Checkpointer:
                 f"{complete['world_size']} (the data position itself is valid for any number of workers)."
             )
         loaded, _ = engine.load_checkpoint(
-            str(self.root), tag=directory.name, load_optimizer_states=True, load_lr_scheduler_states=True
+            str(directory.parent), tag=directory.name, load_optimizer_states=True, load_lr_scheduler_states=True
         )
         if loaded is None:
             raise CheckpointError(f"DeepSpeed could not load {directory}")

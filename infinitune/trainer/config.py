@@ -48,9 +48,7 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     """Dtype of the exported weights (training computes in deepspeed.precision)."""
 
-    attn_implementation: Literal[
-        "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"
-    ] = "sdpa"
+    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"] = "sdpa"
     """Attention kernel. Every choice respects packed documents (position_ids restart per document);
     flex_attention skips the blocks between documents (12% faster than sdpa for a 1B model on an H200)."""
 
@@ -223,6 +221,10 @@ class LoggingConfig:
 
     peak_tflops: float | None = None
     """The device's peak TFLOP/s for MFU, when it is not in the table of known accelerators."""
+
+    log_samples: bool = False
+    """Write the ids of every step's samples (all ranks, in global order) to RUN_DIR/samples.jsonl, to audit
+    that each sample is trained on once per epoch."""
 
     save_logits_probe: bool = False
     """At the end, save the model's logits on the first validation micro-batch to RUN_DIR/logits_probe.pt, to

@@ -9,6 +9,14 @@ from typing import Any
 class RunContext:
     """The default, for torchrun and Slurm: checkpoints live in the run directory and nobody listens."""
 
+    def checkpoint_root(self, run_dir: Path, rank: int) -> tuple[Path, bool]:
+        """(where this rank writes checkpoints, whether all ranks share that directory)."""
+        return run_dir / "checkpoints", True
+
+    def preemption_requested(self) -> bool:
+        """Whether the launcher learned of a preemption (Ray: a node being drained)."""
+        return False
+
     def restore_from(self) -> Path | None:
         """A checkpoint the launcher wants the run to continue from (Ray: the one it persisted), or None to
         let `checkpoint.resume` decide."""

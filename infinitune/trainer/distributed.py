@@ -30,8 +30,9 @@ def init_distributed() -> tuple[int, int]:
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     if use_gpu() and "LOCAL_RANK" in os.environ:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if use_gpu() else "gloo")
+    # Also when the launcher (Ray Train) already made the process group: DeepSpeed's own communication
+    # layer wraps it, and without it DeepSpeed sees a world of one.
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu() else "gloo")
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -43,15 +44,22 @@ def all_reduce(value: float | int | torch.Tensor, op: str = "sum") -> torch.Tens
     """A float64 tensor holding `value` reduced over all ranks (sum, max or min)."""
     t = torch.as_tensor(value, dtype=torch.float64, device=device()).clone()
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(
-            t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op]
-        )
+        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
     return t
 
 
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def all_gather_object(obj) -> list:
+    """`obj` from every rank, in rank order."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_object(obj, src: int = 0):

@@ -21,9 +21,7 @@ def validation_loss(engine, loader: StatefulLoader) -> tuple[float, int]:
     device = distributed.device()
     with torch.no_grad():
         for mb in loader:
-            loss, n = engine(
-                mb["input_ids"].to(device), mb["labels"].to(device), mb["position_ids"].to(device)
-            )
+            loss, n = engine(mb["input_ids"].to(device), mb["labels"].to(device), mb["position_ids"].to(device))
             total += float(loss)
             tokens += int(n)
     engine.train()
@@ -103,7 +101,5 @@ def as_markdown(rows: list[dict]) -> str:
     lines = ["| prompt | answer | reference | exact |", "|---|---|---|---|"]
     for r in rows:
         prompt = r["prompt"][-300:]
-        lines.append(
-            f"| {cell(prompt)} | {cell(r['answer'])} | {cell(r['reference'])} | {r['exact_match']} |"
-        )
+        lines.append(f"| {cell(prompt)} | {cell(r['answer'])} | {cell(r['reference'])} | {r['exact_match']} |")
     return "\n".join(lines)

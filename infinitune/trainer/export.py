@@ -54,9 +54,7 @@ def consolidated_state_dict(directory: Path, zero_stage: int) -> dict[str, torch
         saved = torch.load(directory / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
         state = {k: v.float() if v.is_floating_point() else v for k, v in saved["module"].items()}
     if not all(k.startswith(WRAPPER_PREFIX) for k in state):
-        raise ExportError(
-            f"{directory}: unexpected parameter names {list(state)[:3]}; not an infinitune checkpoint"
-        )
+        raise ExportError(f"{directory}: unexpected parameter names {list(state)[:3]}; not an infinitune checkpoint")
     return {k[len(WRAPPER_PREFIX) :]: v for k, v in state.items()}
 
 
@@ -98,9 +96,7 @@ def _load_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], direct
         elif tensor.numel() == 0:
             problems.append(f"{name}: empty tensor")
         elif tuple(tensor.shape) != tuple(expected[name].shape):
-            problems.append(
-                f"{name}: shape {tuple(tensor.shape)}, the model needs {tuple(expected[name].shape)}"
-            )
+            problems.append(f"{name}: shape {tuple(tensor.shape)}, the model needs {tuple(expected[name].shape)}")
     tied = _tied_names(model)
     missing = [n for n in expected if n not in state and n not in tied]
     problems += [f"{n}: missing from the checkpoint" for n in missing]
@@ -198,9 +194,7 @@ def _check_written(out: Path, model: torch.nn.Module) -> None:
     missing = [n for n in expected if n not in seen and n not in tied]
     wrong = [n for n, shape in seen.items() if expected.get(n) != shape or 0 in shape]
     if missing or wrong:
-        raise ExportError(
-            f"{out}: the written weights are incomplete (missing {missing[:5]}, wrong {wrong[:5]})"
-        )
+        raise ExportError(f"{out}: the written weights are incomplete (missing {missing[:5]}, wrong {wrong[:5]})")
 
 
 def generate(model_dir: str | Path, prompt: str, max_new_tokens: int = 128, system: str | None = None) -> str:
@@ -209,14 +203,8 @@ def generate(model_dir: str | Path, prompt: str, max_new_tokens: int = 128, syst
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir))
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": prompt}
-    ]
-    enc = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
-        out = model.generate(
-            **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-        )
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()

@@ -1,7 +1,8 @@
 """Fault injection for the fault-tolerance tests: kill this worker at a named point.
 
 Set INFINITUNE_FAULT to `POINT:STEP` or `rankR:POINT:STEP`, e.g. `after_step:7` (every rank, after step 7)
-or `rank1:during_save:10` (rank 1, halfway through writing checkpoint 10). Unset, this does nothing.
+or `rank1:during_save:10` (rank 1, halfway through writing checkpoint 10). With INFINITUNE_FAULT_ONCE set to a
+file path, the fault fires once (the file records it), so a restarted worker runs on. Unset, nothing happens.
 """
 
 from __future__ import annotations
@@ -19,5 +20,13 @@ def maybe_fail(point: str, step: int, rank: int) -> None:
         if int(parts[0][4:]) != rank:
             return
         parts = parts[1:]
-    if parts == [point, str(step)]:
-        os.kill(os.getpid(), signal.SIGKILL)  # no handler, no cleanup: like the OOM killer or a lost node
+    if parts != [point, str(step)]:
+        return
+    once = os.environ.get("INFINITUNE_FAULT_ONCE")
+    if once:
+        try:
+            fd = os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # the first to get here fires
+        except FileExistsError:
+            return
+        os.close(fd)
+    os.kill(os.getpid(), signal.SIGKILL)  # no handler, no cleanup: like the OOM killer or a lost node

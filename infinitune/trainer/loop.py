@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -110,15 +112,11 @@ def train(spec: TrainerSpec, ctx: RunContext) -> int:
         step_loss = float(loss_sum / max(trained, 1))
         step_time = time.perf_counter() - t0
         tokens = int(distributed.all_reduce(sum(mb["input_ids"].numel() for mb in micro)).item())
-        flops = float(
-            distributed.all_reduce(sum(w.flops.step_flops(mb["position_ids"]) for mb in micro)).item()
-        )
+        flops = float(distributed.all_reduce(sum(w.flops.step_flops(mb["position_ids"]) for mb in micro)).item())
         state.tokens_seen += tokens
         state.trained_tokens_seen += trained
         if not math.isfinite(step_loss):
-            raise FloatingPointError(
-                f"step {state.step}: loss is {step_loss}; lower train.lr or check the data"
-            )
+            raise FloatingPointError(f"step {state.step}: loss is {step_loss}; lower train.lr or check the data")
 
         if state.step % spec.logging.log_every == 0 or state.step == cfg.max_steps:
             allocated, peak = device_memory_gb()
@@ -138,10 +136,13 @@ def train(spec: TrainerSpec, ctx: RunContext) -> int:
             }
             w.metrics.scalars(state.step, metrics)
             ctx.report(state.step, metrics, None)
+        if spec.logging.log_samples:
+            ids = distributed.all_gather_object([int(i) for mb in micro for i in mb["sample_index"]])
+            w.metrics.samples(state.step, [i for rank_ids in ids for i in rank_ids])
         faults.maybe_fail("after_step", state.step, w.rank)
 
         stop = False
-        preempted = w.preemption.requested()
+        preempted = w.preemption.requested(ctx.preemption_requested())
         # A preempted run saves first: the scheduler's grace period is not spent on evaluation.
         due = cfg.eval_every and (state.step % cfg.eval_every == 0 or state.step == cfg.max_steps)
         if due and not preempted:
@@ -150,9 +151,7 @@ def train(spec: TrainerSpec, ctx: RunContext) -> int:
         if preempted or stop or state.step == cfg.max_steps or (every and state.step % every == 0):
             save(w, spec, state, ctx)
         if preempted:
-            log.warning(
-                "stopped at step %d on %s with a complete checkpoint", state.step, w.preemption.signal_name
-            )
+            log.warning("stopped at step %d on %s with a complete checkpoint", state.step, w.preemption.signal_name)
             if w.preemption.seconds_left() < 0:
                 log.warning("the save ended %.0f s after the grace period", -w.preemption.seconds_left())
             w.metrics.close()
@@ -180,15 +179,11 @@ def train_step(engine, micro: list[dict], world: int, device: torch.device) -> t
     Every trained token of the global batch weighs the same: each micro-batch's summed loss is divided by
     the trained tokens of all ranks together (DeepSpeed then averages gradients over ranks, hence x world).
     """
-    trained = int(
-        distributed.all_reduce(sum(int((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro)).item()
-    )
+    trained = int(distributed.all_reduce(sum(int((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro)).item())
     scale = world / max(trained, 1)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for mb in micro:
-        loss, _ = engine(
-            *(mb[k].to(device, non_blocking=True) for k in ("input_ids", "labels", "position_ids"))
-        )
+        loss, _ = engine(*(mb[k].to(device, non_blocking=True) for k in ("input_ids", "labels", "position_ids")))
         engine.backward(loss * scale, scale_wrt_gas=False)
         engine.step()
         loss_sum += loss.detach().double()
@@ -200,9 +195,7 @@ def evaluate(w: Workspace, spec: TrainerSpec, state: TrainState, ctx: RunContext
     loss, _ = validation_loss(w.engine, w.val_loader)
     metrics = {"eval/loss": loss, "eval/ppl": perplexity(loss)}
     if w.prompts:
-        rows = generate_answers(
-            w.lm, w.tokenizer, w.prompts, spec.train.max_new_tokens, w.zero3 and w.world > 1
-        )
+        rows = generate_answers(w.lm, w.tokenizer, w.prompts, spec.train.max_new_tokens, w.zero3 and w.world > 1)
         metrics["eval/exact_match"] = sum(r["exact_match"] for r in rows) / len(rows)
         w.metrics.text(state.step, "eval/generations", as_markdown(rows))
     w.metrics.scalars(state.step, metrics)
@@ -256,6 +249,7 @@ class Workspace:
 
 def setup(spec: TrainerSpec, ctx: RunContext) -> Workspace:
     rank, world = distributed.init_distributed()
+    log.info("worker rank %d of %d: pid %d on %s", rank, world, os.getpid(), socket.gethostname())
     seed_everything(spec.train.seed + rank)  # dropout differs per rank; what must agree is seeded apart
     import deepspeed
 
@@ -326,16 +320,15 @@ def setup(spec: TrainerSpec, ctx: RunContext) -> Workspace:
         )
 
     run_dir = Path(spec.run_dir)
-    checkpointer = Checkpointer(run_dir / "checkpoints", rank, world, spec.checkpoint.keep_last)
+    root, shared = ctx.checkpoint_root(run_dir, rank)
+    checkpointer = Checkpointer(root, rank, world, spec.checkpoint.keep_last, shared=shared)
     state = TrainState()
     restore = ctx.restore_from() or resume_target(spec.checkpoint.resume, checkpointer)
     if restore is not None:
         saved = checkpointer.load(engine, Path(restore))
         state.load_state_dict(saved)
         train_loader.load_state_dict(saved["data"])
-        if (
-            rank == 0
-        ):  # newer checkpoints (a branch being abandoned, or damaged ones) must not be resumed later
+        if rank == 0:  # newer checkpoints (a branch being abandoned, or damaged ones) must not be resumed later
             checkpointer.set_aside_after(state.step)
         distributed.barrier()
 

@@ -93,6 +93,7 @@ class MetricsWriter:
             return
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir = run_dir
         self.jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 - open for the run
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -107,6 +108,12 @@ class MetricsWriter:
                 self.writer.add_scalar(name, value, step)
         self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
         self.jsonl.flush()
+
+    def samples(self, step: int, ids: list[int]) -> None:
+        """The sample ids of a step, in global order (RUN_DIR/samples.jsonl)."""
+        if self.enabled:
+            with open(self.run_dir / "samples.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, "ids": ids}) + "\n")
 
     def text(self, step: int, tag: str, text: str) -> None:
         if self.enabled and self.writer is not None:

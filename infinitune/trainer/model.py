@@ -21,9 +21,7 @@ EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 
 # Architectures whose logits are exactly lm_head(final hidden state): for these the output layer runs only at
 # trained positions (with a 49k vocabulary it dominates a small model's step). Others take the full forward.
-PLAIN_HEAD_TYPES = frozenset(
-    {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3"}
-)
+PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3"})
 
 # transformers consults this weakly-held object to build models partitioned (zero.Init); it must outlive
 # from_pretrained and is kept for the life of the worker.
@@ -80,9 +78,7 @@ def load_causal_lm(cfg: ModelConfig, dtype: torch.dtype, ds_config: dict | None 
     model = AutoModelForCausalLM.from_pretrained(
         source, config=config, dtype=dtype, attn_implementation=cfg.attn_implementation, **kwargs
     )
-    if (
-        getattr(model, "hf_quantizer", None) is not None
-    ):  # a GGUF arrives flagged quantised though dequantised
+    if getattr(model, "hf_quantizer", None) is not None:  # a GGUF arrives flagged quantised though dequantised
         model.hf_quantizer.remove_quantization_config(model)
     return model
 
@@ -95,9 +91,7 @@ def build_model(cfg: ModelConfig, ds: DeepSpeedConfig, ds_config: dict, seed: in
     if cfg.compile_layers:
         layers = getattr(model.get_decoder(), "layers", None)
         if layers is None:
-            raise ValueError(
-                f"model.compile_layers: {type(model).__name__} has no decoder `layers` to compile"
-            )
+            raise ValueError(f"model.compile_layers: {type(model).__name__} has no decoder `layers` to compile")
         for layer in layers:
             layer.compile()
     if cfg.lora is not None:

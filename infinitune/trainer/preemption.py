@@ -13,6 +13,27 @@ log = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request with a complete checkpoint; restart to continue
 
+# Set by `install_process_handlers`, for loops that run off the main thread (Ray Train runs the training
+# function in a thread of its worker actor, whose main thread must install the handlers).
+_SIGNALLED: list[tuple[float, str]] = []
+
+
+def install_process_handlers(signals=(signal.SIGTERM, signal.SIGUSR1)) -> None:
+    """From a process's main thread: record SIGTERM/SIGUSR1 for a Preemption in any thread of it."""
+
+    previous = {}
+
+    def handle(signum, frame=None) -> None:
+        if _SIGNALLED and callable(previous.get(signum)):  # asked twice: the process's own handling (exit)
+            previous[signum](signum, frame)
+            return
+        if not _SIGNALLED:
+            _SIGNALLED.append((time.monotonic(), signal.Signals(signum).name))
+            log.warning("%s received: saving at the next step boundary", signal.Signals(signum).name)
+
+    for sig in signals:
+        previous[sig] = signal.signal(sig, handle)
+
 
 class Preemption:
     """Sets a flag on SIGTERM/SIGUSR1; `requested()` (a collective) tells every rank whether any got one."""
@@ -24,8 +45,8 @@ class Preemption:
         if threading.current_thread() is threading.main_thread():
             for sig in signals:
                 signal.signal(sig, self.handle)
-        else:  # Python delivers signals to the main thread only; whoever owns it must call handle()
-            log.warning("not on the main thread: preemption signals reach this loop only through handle()")
+        else:  # signals reach the main thread only: its owner installs install_process_handlers
+            log.info("training off the main thread: preemption signals come through install_process_handlers")
 
     def handle(self, signum, frame=None) -> None:
         if self.received_at is None:
@@ -33,8 +54,13 @@ class Preemption:
             self.signal_name = signal.Signals(signum).name
             log.warning("%s received: saving at the next step boundary", self.signal_name)
 
-    def requested(self) -> bool:
-        """Whether any rank was signalled. Every rank calls it at every step boundary."""
+    def requested(self, elsewhere: bool = False) -> bool:
+        """Whether any rank was signalled (or told by its launcher, `elsewhere`). Every rank calls it at every
+        step boundary."""
+        if elsewhere and self.received_at is None:
+            self.received_at, self.signal_name = time.monotonic(), "preemption notice"
+        if _SIGNALLED and self.received_at is None:
+            self.received_at, self.signal_name = _SIGNALLED[0]
         return bool(distributed.all_reduce(1 if self.received_at is not None else 0, op="max").item())
 
     def seconds_left(self) -> float:

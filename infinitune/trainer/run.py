@@ -45,17 +45,27 @@ def spec_from_dict(config: dict[str, Any], run_dir: str | os.PathLike):
     return TrainerSpec(**sections, run_dir=str(run_dir), resolved_config=config)
 
 
-def configure_logging(rank: int) -> None:
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s",
-    )
+def configure_logging(rank: int, log_file: str | os.PathLike | None = None) -> None:
+    """Rank 0 logs progress, the others warnings; with `log_file`, everything also goes there."""
+    fmt = logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger("infinitune")  # ours only: Ray and DeepSpeed keep their own settings
+    root.setLevel(logging.INFO)
+    root.propagate = False
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    console = logging.StreamHandler()
+    console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    console.setFormatter(fmt)
+    root.addHandler(console)
+    if log_file is not None:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="the resolved job config (RUN_DIR/config.yaml)")
     parser.add_argument("--run-dir", default=None, help="run directory (default: the config's directory)")
     args = parser.parse_args(argv)

@@ -1,0 +1,229 @@
+"""Running a job on Ray: connect (embedded or an existing cluster), start the workers with Ray Train's
+TorchTrainer, persist every complete checkpoint through Ray, restart failed workers from the last one.
+
+Checkpoints: each worker writes its own files into a local directory (the trainer's Checkpointer), then
+every worker reports it with `ray.train.report(..., checkpoint_dir_name="step_NNNNNN")`: Ray merges all
+ranks' files into RUN_DIR/checkpoints/step_NNNNNN and registers it once every rank's part is uploaded. A
+restarted worker group continues from `ray.train.get_checkpoint()`, read in place where the storage is a
+file system all nodes share (no copy), downloaded otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+from infinitune.cluster.config import ClusterConfig
+from infinitune.trainer.context import RunContext
+
+log = logging.getLogger(__name__)
+EXIT_FAILED = 1
+
+
+class JobFailed(RuntimeError):
+    """The job failed and Ray's retries are used up; the message says what failed and how to go on."""
+
+
+def ray_environment(embedded: bool) -> dict[str, str]:
+    env = {
+        # Ray Train's controller polls its workers this often; report() waits for it (2 s by default).
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"),
+        "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore::FutureWarning"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    if embedded:
+        # A cluster of this process alone, on 127.0.0.1: no token file written into the user's home.
+        env["RAY_AUTH_MODE"] = os.environ.get("RAY_AUTH_MODE", "disabled")
+    for name in ("INFINITUNE_FAULT", "INFINITUNE_FAULT_ONCE", "HF_HUB_OFFLINE"):
+        if name in os.environ:  # what the driver's environment says about the run, the workers see too
+            env[name] = os.environ[name]
+    return env
+
+
+def connect(cfg: ClusterConfig) -> bool:
+    """Join the configured cluster, or start an embedded one; returns whether this call started Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    embedded = cfg.address is None
+    env = ray_environment(embedded)
+    os.environ.update(env)
+    if embedded:
+        ray.init(
+            object_store_memory=cfg.object_store_memory_mb * 2**20,
+            include_dashboard=False,
+            runtime_env={"env_vars": env},
+            log_to_driver=True,
+        )
+    else:
+        ray.init(address=cfg.address, runtime_env={"env_vars": env}, log_to_driver=True)
+    return True
+
+
+def _worker_callbacks() -> list:
+    from ray.train.v2._internal.execution.callback import WorkerCallback
+
+    class PreemptionSignals(WorkerCallback):
+        """SIGTERM/SIGUSR1 to a worker process make the loop save at its next step boundary; signals reach a
+        process's main thread only, which is where Ray runs this hook."""
+
+        def after_init_train_context(self):
+            import threading as _threading
+
+            from infinitune.trainer.preemption import install_process_handlers
+
+            if _threading.current_thread() is _threading.main_thread():
+                install_process_handlers()
+
+    return [PreemptionSignals()]
+
+
+class RayContext(RunContext):
+    """The trainer's view of Ray: where to write checkpoints, how to persist and restore them, progress."""
+
+    def __init__(self, progress=None):
+        self.progress = progress
+
+    def checkpoint_root(self, run_dir: Path, rank: int) -> tuple[Path, bool]:
+        import ray.train
+
+        context = ray.train.get_context()
+        name = f"infinitune-{context.get_experiment_name()}-rank{rank}-{os.getpid()}"
+        return Path(tempfile.gettempdir()) / name, False
+
+    def restore_from(self) -> Path | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        if getattr(checkpoint.filesystem, "type_name", "") == "local":
+            return Path(checkpoint.path)  # a shared file system: read in place, nothing copied
+        target = Path(tempfile.mkdtemp(prefix="infinitune-restore-")) / Path(checkpoint.path).name
+        checkpoint.to_directory(str(target))
+        return target
+
+    def report(self, step: int, metrics: dict[str, Any], checkpoint: Path | None) -> None:
+        import ray.train
+
+        if checkpoint is not None:  # every rank, the same number of times: report() is a barrier
+            ray.train.report(
+                {"step": step, **metrics},
+                checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint)),
+                checkpoint_dir_name=checkpoint.name,
+                delete_local_checkpoint_after_upload=True,
+            )
+        elif self.progress is not None and ray.train.get_context().get_world_rank() == 0:
+            # A full or gone queue only costs the progress bar an update.
+            with contextlib.suppress(Exception):
+                self.progress.put_nowait({"step": step, **metrics})
+
+    def preemption_requested(self) -> bool:
+        import ray.train
+
+        getter = getattr(ray.train, "get_preemption_info", None)
+        return bool(getter and getter() is not None)
+
+
+def _train_fn(config: dict[str, Any]) -> None:
+    """The training function on each Ray worker."""
+    import ray.train
+
+    from infinitune.trainer.loop import train
+    from infinitune.trainer.preemption import EXIT_PREEMPTED
+    from infinitune.trainer.run import configure_logging, spec_from_dict
+
+    rank = ray.train.get_context().get_world_rank()
+    configure_logging(rank, Path(config["run_dir"]) / "logs" / f"rank{rank}.log")
+    code = train(spec_from_dict(config["job"], config["run_dir"]), RayContext(config.get("progress")))
+    if code == EXIT_PREEMPTED:
+        # A failure for Ray, so that it restarts the workers, which continue from the checkpoint just saved.
+        raise RuntimeError("preempted: a complete checkpoint was saved; restarting from it")
+
+
+def run_job(job: dict[str, Any], run_dir: Path, cluster: ClusterConfig, keep_last: int, total_steps: int) -> int:
+    """Run the resolved job on Ray until it ends; returns 0, or raises JobFailed with what to do."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Queue
+
+    started = connect(cluster)
+    progress = Queue(maxsize=1000, actor_options={"num_cpus": 0})
+    resources = {"CPU": cluster.cpus_per_worker}
+    if cluster.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        _train_fn,
+        train_loop_config={"job": job, "run_dir": str(run_dir), "progress": progress},
+        scaling_config=ScalingConfig(
+            num_workers=cluster.num_workers,
+            use_gpu=cluster.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=cluster.placement_strategy,
+        ),
+        torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name="checkpoints",
+            storage_path=str(run_dir.resolve()),
+            checkpoint_config=CheckpointConfig(num_to_keep=keep_last),
+            failure_config=FailureConfig(max_failures=cluster.max_failures),
+            callbacks=_worker_callbacks(),
+        ),
+    )
+    stop = threading.Event()
+    bar = threading.Thread(target=_show_progress, args=(progress, total_steps, stop), daemon=True)
+    bar.start()
+    try:
+        trainer.fit()
+    except Exception as e:  # Ray wraps the worker's error; the user needs what, where and how to go on
+        raise JobFailed(_failure_message(e, run_dir, cluster)) from None
+    finally:
+        stop.set()
+        bar.join(timeout=5)
+        if started:
+            ray.shutdown()
+    return 0
+
+
+def _failure_message(error: Exception, run_dir: Path, cluster: ClusterConfig) -> str:
+    cause = str(error).strip().splitlines()
+    summary = next((line for line in reversed(cause) if line.strip()), type(error).__name__)
+    return (
+        f"training failed after {cluster.max_failures} restart(s): {summary}\n"
+        f"  worker logs: {run_dir / 'logs'} (and Ray's session logs under /tmp/ray/session_latest/logs)\n"
+        f"  continue from the last complete checkpoint: infinitune resume {run_dir}"
+    )
+
+
+def _show_progress(progress, total: int, stop: threading.Event) -> None:
+    """The driver's progress bar: step, loss, tokens/s and ETA, from rank 0's reports."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="step", desc="train", dynamic_ncols=True)
+    try:
+        while not stop.is_set():
+            try:
+                row = progress.get(timeout=0.5)
+            except (queue.Empty, Exception):
+                continue
+            if "train/loss" in row:
+                bar.n = row["step"]
+                bar.set_postfix(
+                    loss=f"{row['train/loss']:.4f}", tok_s=f"{row.get('perf/tokens_per_s', 0):.0f}", refresh=False
+                )
+                bar.refresh()
+            elif "eval/loss" in row:
+                bar.write(
+                    f"step {row['step']}: eval loss {row['eval/loss']:.4f}, exact match "
+                    f"{row.get('eval/exact_match', float('nan')):.2f}"
+                )
+    finally:
+        bar.close()

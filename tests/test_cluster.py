@@ -1,0 +1,173 @@
+"""Ray: jobs on an embedded cluster and on a multi-node test cluster, surviving killed, preempted and lost
+workers. Real Ray (no mocks), real DeepSpeed ZeRO-3 over gloo, a tiny Llama."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from infinitune.trainer.checkpoint import checkpoint_problem
+
+from .train_helpers import job_config, make_tiny_setup, run_dir_of, step_losses, wait_for_step
+
+pytestmark = pytest.mark.slow
+
+STEPS = 75  # a little over one epoch of the tiny setup's training samples at 8 per step
+
+
+def train_cli(config, *extra, env=None, timeout=600):
+    out = subprocess.run(
+        [sys.executable, "-m", "infinitune.launcher.cli", "train", str(config), *extra],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
+    return out.returncode, out.stdout + out.stderr
+
+
+def samples_by_step(config) -> dict[int, list[int]]:
+    rows = {}
+    for line in (run_dir_of(config) / "samples.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows[row["step"]] = row["ids"]  # a step run again after a restart keeps its last record
+    return rows
+
+
+def assert_each_sample_once_per_epoch(config, setup):
+    manifest = json.loads((setup["shards"] / "manifest.json").read_text())
+    n = manifest["splits"]["train"]["totals"]["samples"]
+    steps = samples_by_step(config)
+    ids = [i for s in sorted(steps) for i in steps[s]]
+    assert len(ids) >= n
+    assert sorted(ids[:n]) == list(range(n))  # the first epoch: every sample exactly once
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_tokenizer_dir):
+    from pathlib import Path
+
+    s = make_tiny_setup(tmp_path_factory.mktemp("cluster"), tiny_tokenizer_dir)
+    s["shards"] = Path(s["data"]["shards_dir"])
+    return s
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return tmp_path_factory.mktemp("ray-runs")
+
+
+def tiny_job(setup, runs, name, **sections):
+    sections.setdefault("train", {})
+    sections["train"] = {"max_steps": STEPS, "eval_every": 0, **sections["train"]}
+    sections.setdefault("logging", {})
+    sections["logging"] = {"log_samples": True, **sections["logging"]}
+    return job_config(setup, runs, name, **sections)
+
+
+@pytest.fixture(scope="module")
+def reference(setup, runs):
+    """An uninterrupted run on an embedded Ray cluster."""
+    config = tiny_job(setup, runs, "ray-reference")
+    code, out = train_cli(config)
+    assert code == 0, out[-5000:]
+    return config
+
+
+def test_an_embedded_ray_job_finishes_and_persists_every_ranks_shards(reference, setup):
+    assert sorted(step_losses(reference)) == list(range(1, STEPS + 1))
+    checkpoints = sorted((run_dir_of(reference) / "checkpoints").glob("step_*"))
+    assert [d.name for d in checkpoints] == ["step_000070", "step_000075"]  # keep_last 2, through Ray
+    for d in checkpoints:
+        assert checkpoint_problem(d, "sha256") is None
+        names = {p.name for p in d.iterdir()}
+        assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= names
+        assert {"files.rank0.json", "files.rank1.json", "COMPLETE.json"} <= names
+    assert_each_sample_once_per_epoch(reference, setup)
+
+
+def test_a_killed_worker_is_restarted_and_the_losses_do_not_change(setup, runs, reference, tmp_path):
+    config = tiny_job(setup, runs, "ray-killed")
+    env = {"INFINITUNE_FAULT": "rank1:after_step:7", "INFINITUNE_FAULT_ONCE": str(tmp_path / "fired")}
+    code, out = train_cli(config, env=env)
+    assert code == 0, out[-5000:]
+    assert (tmp_path / "fired").exists()  # the worker was killed (SIGKILL) after step 7
+    logs = (run_dir_of(config) / "logs" / "rank0.log").read_text()
+    assert "resumed from" in logs and "step_000005" in logs
+    want, got = step_losses(reference), step_losses(config)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert max(abs(got[s] - want[s]) for s in got) <= 1e-6
+    assert_each_sample_once_per_epoch(config, setup)
+
+
+def test_sigterm_to_one_worker_saves_then_ray_resumes(setup, runs, reference):
+    config = tiny_job(setup, runs, "ray-sigterm", checkpoint={"every_steps": 50})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "infinitune.launcher.cli", "train", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    wait_for_step(config, 3)
+    log1 = (run_dir_of(config) / "logs" / "rank1.log").read_text()
+    pid = int(re.search(r"worker rank 1 of 2: pid (\d+)", log1).group(1))
+    os.kill(pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-5000:]
+    logs = (run_dir_of(config) / "logs" / "rank0.log").read_text()
+    stopped = int(re.search(r"stopped at step (\d+) on SIGTERM", logs).group(1))
+    assert 3 <= stopped < 50  # saved at once, not at the next scheduled checkpoint
+    assert f"step_{stopped:06d} (step {stopped})" in logs  # and resumed from exactly there
+    want, got = step_losses(reference), step_losses(config)
+    assert max(abs(got[s] - want[s]) for s in got) <= 1e-6
+
+
+def test_exhausted_retries_say_what_failed_and_how_to_resume(setup, runs):
+    config = tiny_job(setup, runs, "ray-doomed", cluster={"max_failures": 1})
+    code, out = train_cli(config, env={"INFINITUNE_FAULT": "rank0:after_step:3"})
+    assert code == 1
+    assert "training failed after 1 restart(s)" in out
+    assert f"infinitune resume {run_dir_of(config)}" in out and "logs" in out
+
+
+def test_a_lost_node_costs_only_the_steps_since_the_checkpoint(setup, runs, reference, tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from infinitune.cluster.ray_job import ray_environment, run_job
+    from infinitune.launcher.job_config import load_job_config
+
+    os.environ.update(ray_environment(embedded=True))
+    os.environ["RAY_TMPDIR"] = str(tmp_path / "ray")  # short socket paths, our own temp directory
+    config = tiny_job(setup, runs, "ray-lost-node", cluster={"address": "auto"})
+    cfg = load_job_config(config)
+    run_dir = run_dir_of(config)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+        ray.init(address=cluster.address)
+        result = {}
+        job = threading.Thread(
+            target=lambda: result.setdefault("code", run_job(cfg.to_dict(), run_dir, cfg.cluster, 2, STEPS))
+        )
+        job.start()
+        wait_for_step(config, 12)
+        cluster.remove_node(nodes[1])  # a worker's node is gone
+        time.sleep(2)
+        cluster.add_node(num_cpus=1)  # the autoscaler brings another
+        job.join(timeout=600)
+        assert result.get("code") == 0
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    want, got = step_losses(reference), step_losses(config)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert max(abs(got[s] - want[s]) for s in got) <= 1e-6

@@ -61,7 +61,10 @@ class Preemption:
             self.received_at, self.signal_name = time.monotonic(), "preemption notice"
         if _SIGNALLED and self.received_at is None:
             self.received_at, self.signal_name = _SIGNALLED[0]
-        return bool(distributed.all_reduce(1 if self.received_at is not None else 0, op="max").item())
+        anywhere = bool(distributed.all_reduce(1 if self.received_at is not None else 0, op="max").item())
+        if anywhere and not self.signal_name:
+            self.signal_name = "another rank's request"
+        return anywhere
 
     def seconds_left(self) -> float:
         if self.received_at is None:

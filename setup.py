@@ -25,7 +25,7 @@ setup(
         "tokenizers>=0.21",
         "datasets>=3.0",
         "webdataset>=0.2.100",
-        "ray[train]>=2.40",
+        "ray[default,train]>=2.40",  # default: the dashboard that serves Ray Jobs (submit/status/logs)
         "tensorboard>=2.15",
         "safetensors>=0.4",
         "peft>=0.13",

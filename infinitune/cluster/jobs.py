@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shlex
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,8 @@ def submit(address: str, config: str, overrides: list[str], working_dir: str = "
         "working_dir": working_dir,
         "excludes": EXCLUDES,
         "py_modules": [str(Path(infinitune.__file__).parent)],
-        "env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "HF_TOKEN") if k in os.environ},
+        # No env_vars here: the job's driver passes its own to the workers (ray_job.ray_environment), and Ray
+        # refuses a key set in both places.
     }
     return client(address).submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
 

@@ -82,6 +82,14 @@ def _worker_callbacks() -> list:
             if _threading.current_thread() is _threading.main_thread():
                 install_process_handlers()
 
+        def before_worker_shutdown(self):
+            import threading as _threading
+
+            from infinitune.trainer.preemption import restore_process_handlers
+
+            if _threading.current_thread() is _threading.main_thread():
+                restore_process_handlers()  # Ray's own SIGTERM (exit) again, now that training is over
+
     return [PreemptionSignals()]
 
 

@@ -16,6 +16,7 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request with a complete checkpoin
 # Set by `install_process_handlers`, for loops that run off the main thread (Ray Train runs the training
 # function in a thread of its worker actor, whose main thread must install the handlers).
 _SIGNALLED: list[tuple[float, str]] = []
+_PREVIOUS: dict = {}
 
 
 def install_process_handlers(signals=(signal.SIGTERM, signal.SIGUSR1)) -> None:
@@ -33,6 +34,14 @@ def install_process_handlers(signals=(signal.SIGTERM, signal.SIGUSR1)) -> None:
 
     for sig in signals:
         previous[sig] = signal.signal(sig, handle)
+    _PREVIOUS.update(previous)
+
+
+def restore_process_handlers() -> None:
+    """From the main thread, once training is over: the process's own handling of the signals again."""
+    while _PREVIOUS:
+        sig, handler = _PREVIOUS.popitem()
+        signal.signal(sig, handler)
 
 
 class Preemption:

@@ -90,3 +90,13 @@ def test_prepare_shipped_quickstart_config_on_real_alpaca(tmp_path):
     manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
     assert manifest["sources"][0]["records"] == 999
     assert manifest["splits"]["train"]["totals"]["packing_efficiency"] > 0.99
+
+
+def test_train_refuses_a_bad_config_or_missing_shards_before_ray_starts(tmp_path, tiny_tokenizer_dir):
+    cfg = job(tmp_path, tiny_tokenizer_dir, tmp_path / "x.jsonl")
+    out = run("train", str(cfg), "train.max_stepz=3")
+    assert out.returncode == 2 and "error: train.max_stepz: unknown key" in out.stderr
+    out = run("train", str(cfg))  # no shards were prepared
+    assert out.returncode == 2 and "no manifest here; run `infinitune prepare" in out.stderr
+    for text in (out.stdout, out.stderr):
+        assert "Ray" not in text and "Traceback" not in text  # refused before any cluster resource

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import time
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +107,7 @@ class MetricsWriter:
         if self.writer is not None:
             for name, value in values.items():
                 self.writer.add_scalar(name, value, step)
-        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self.jsonl.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
         self.jsonl.flush()
 
     def samples(self, step: int, ids: list[int]) -> None:

@@ -19,14 +19,19 @@ $(STAMP): setup.py
 setup: $(STAMP)
 
 # The main job, on this machine's CPU: synthetic tasks -> shards -> SmolLM2-135M-Instruct fine-tuned with
-# ZeRO-3 on 2 workers -> exported -> asked a held-out question.
+# ZeRO-3 on 2 workers of an embedded Ray cluster -> exported; exact match on held-out tasks before and after.
+QS := runs/quickstart
 quickstart: $(STAMP)
-	$(BIN)/infinitune generate-data --n 2000 --seed 0 --out runs/quickstart/data/synth.jsonl
+	$(BIN)/infinitune generate-data --n 2000 --seed 0 --out $(QS)/data/synth.jsonl
+	$(BIN)/infinitune generate-data --n 40 --seed 1 --out $(QS)/data/heldout.jsonl
+	$(BIN)/infinitune eval HuggingFaceTB/SmolLM2-135M-Instruct --data $(QS)/data/heldout.jsonl --max-new-tokens 16 --out $(QS)/eval_before.json
 	$(BIN)/infinitune prepare configs/quickstart.yaml
 	$(BIN)/infinitune train configs/quickstart.yaml
-	$(BIN)/infinitune export runs/quickstart --out runs/quickstart/export
-	$(BIN)/infinitune generate runs/quickstart/export --prompt "Reverse the letters of the word: banana"
-	@echo "TensorBoard: .venv/bin/tensorboard --logdir runs/quickstart/tensorboard   model: runs/quickstart/export"
+	$(BIN)/infinitune export $(QS) --out $(QS)/export
+	$(BIN)/infinitune eval $(QS)/export --data $(QS)/data/heldout.jsonl --max-new-tokens 16 --out $(QS)/eval_after.json
+	$(BIN)/infinitune generate $(QS)/export --prompt "$$(printf 'Reverse the letters of the word.\n\nbanana')"
+	@$(BIN)/python -c "import json; b, a = (json.load(open('$(QS)/eval_' + w + '.json'))['exact_match'] for w in ('before', 'after')); print(f'exact match on 40 held-out tasks: before {b:.1%}, after {a:.1%}')"
+	@echo "TensorBoard: $(BIN)/tensorboard --logdir $(QS)/tensorboard    model: $(QS)/export"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

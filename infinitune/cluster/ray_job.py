@@ -58,7 +58,10 @@ def connect(cfg: ClusterConfig) -> bool:
     if embedded:
         ray.init(
             object_store_memory=cfg.object_store_memory_mb * 2**20,
-            include_dashboard=False,
+            # On 127.0.0.1 only: Ray Train's state queries need it (without, its controller logs a failure
+            # every few seconds), and the user gets a view of the run.
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
             runtime_env={"env_vars": env},
             log_to_driver=True,
         )

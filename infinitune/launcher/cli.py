@@ -113,22 +113,22 @@ def _run(cfg, run_dir: Path, local: bool) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from infinitune.launcher.job_config import check_against_model, load_job_config
+    from infinitune.launcher.job_config import absolute_paths, check_against_model, load_job_config
 
-    cfg = load_job_config(args.config, args.overrides)
+    cfg = absolute_paths(load_job_config(args.config, args.overrides))
     check_against_model(cfg)
     return _run(cfg, Path(cfg.cluster.storage_path) / cfg.name, args.local)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from infinitune.launcher.job_config import load_job_config
+    from infinitune.launcher.job_config import absolute_paths, load_job_config
 
     run_dir = Path(args.run_dir)
     config = run_dir / "config.yaml"
     if not config.is_file():
         raise ConfigError("", f"{run_dir} is not a run directory (no config.yaml)")
-    cfg = load_job_config(config, [*args.overrides, "checkpoint.resume=auto"])
-    return _run(cfg, run_dir, args.local)
+    cfg = absolute_paths(load_job_config(config, [*args.overrides, "checkpoint.resume=auto"]))
+    return _run(cfg, run_dir.resolve(), args.local)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -173,6 +173,23 @@ def cmd_stop(args: argparse.Namespace) -> int:
     from infinitune.cluster import jobs
 
     print("stopping" if jobs.stop(args.address, args.job_id) else "not running")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from infinitune.trainer.evaluate import exact_match_on_records, load_for_eval
+
+    lines = Path(args.data).read_text(encoding="utf-8").splitlines()
+    records = [json.loads(x) for x in lines if x.strip()][: args.limit]
+    model, tokenizer = load_for_eval(args.model)
+    score, rows = exact_match_on_records(model, tokenizer, records, args.max_new_tokens)
+    for r in rows[:5]:
+        print(f"  {r['prompt'][:60]!r} -> {r['answer'][:40]!r} (want {r['reference'][:40]!r})")
+    print(f"exact_match {score:.3f} on {len(rows)} records ({args.model})")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"exact_match": score, "rows": rows}, indent=1))
     return 0
 
 
@@ -289,6 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("eval", help="exact-match accuracy of a model, export or run on held-out records")
+    p.add_argument("model", help="an HF directory, a hub id, or a run directory")
+    p.add_argument("--data", required=True, help="a JSONL file of records (e.g. from generate-data)")
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--out", default=None, help="write the per-record rows as JSON here")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="answer a prompt with a model directory (chat template applied)")
     p.add_argument("model_dir")

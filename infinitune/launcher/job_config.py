@@ -98,6 +98,37 @@ def load_job_config(path: str | os.PathLike, overrides: list[str] | tuple[str, .
         raise ConfigError(e.key, f"{e.message} (in {path})") from None
 
 
+def _is_local(path: str) -> bool:
+    return "://" not in path and not path.startswith("pipe:")
+
+
+def absolute_paths(cfg: JobConfig) -> JobConfig:
+    """The config with its local paths made absolute: workers (Ray's, in their own directories) and a later
+    `resume` from elsewhere must find the same files. Hub ids and URLs are left as they are."""
+    import dataclasses
+
+    def resolve(path: str | None, must_exist: bool) -> str | None:
+        if path is None or not _is_local(path):
+            return path
+        try:
+            p = Path(path).expanduser()
+            return str(p.resolve()) if p.exists() or not must_exist else path
+        except OSError:  # not a path at all (an inline chat template, say)
+            return path
+
+    data = dataclasses.replace(
+        cfg.data,
+        sources=[dataclasses.replace(s, path=resolve(s.path, True)) for s in cfg.data.sources],
+        shards_dir=resolve(cfg.data.shards_dir, False),
+        chat_template=resolve(cfg.data.chat_template, True) if cfg.data.chat_template else None,
+    )
+    model = dataclasses.replace(
+        cfg.model, path=resolve(cfg.model.path, True), tokenizer=resolve(cfg.model.tokenizer, True)
+    )
+    cluster = dataclasses.replace(cfg.cluster, storage_path=resolve(cfg.cluster.storage_path, False))
+    return dataclasses.replace(cfg, data=data, model=model, cluster=cluster)
+
+
 def save_job_config(cfg: JobConfig, path: str | os.PathLike) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
 

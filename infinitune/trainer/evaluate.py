@@ -103,3 +103,57 @@ def as_markdown(rows: list[dict]) -> str:
         prompt = r["prompt"][-300:]
         lines.append(f"| {cell(prompt)} | {cell(r['answer'])} | {cell(r['reference'])} | {r['exact_match']} |")
     return "\n".join(lines)
+
+
+def load_for_eval(target: str):
+    """(model, tokenizer) from an HF directory, a hub id / .gguf, or a run directory (its newest checkpoint,
+    consolidated in memory)."""
+    from pathlib import Path
+
+    from infinitune.data_pipeline.tokenizer import load_tokenizer
+    from infinitune.trainer.config import ModelConfig
+    from infinitune.trainer.model import load_causal_lm
+
+    if (Path(target) / "checkpoints").is_dir():
+        from infinitune.trainer.export import build_from_checkpoint, find_checkpoint
+
+        return build_from_checkpoint(find_checkpoint(target))
+    return load_causal_lm(ModelConfig(path=target), torch.float32), load_tokenizer(target)
+
+
+def exact_match_on_records(model, tokenizer, records: list[dict], max_new_tokens: int = 32, batch_size: int = 8):
+    """Greedy answers to records' conversations (without their last answer) through the chat template, in
+    left-padded batches; returns (fraction exactly matching the reference answer, rows)."""
+    from infinitune.data_pipeline.formats import detect_format, normalise
+
+    fmt = detect_format(records)
+    if fmt is None:
+        raise ValueError("cannot tell the records' format (alpaca, sharegpt or messages)")
+    convs = [normalise(r, fmt).messages for r in records]
+    prompts = [tokenizer.apply_chat_template(c[:-1], add_generation_prompt=True, tokenize=False) for c in convs]
+    tokenizer.padding_side = "left"
+    model.eval()
+    rows = []
+    with torch.no_grad():
+        for lo in range(0, len(prompts), batch_size):
+            enc = tokenizer(prompts[lo : lo + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                use_cache=True,  # the model is loaded with it off (training packs documents)
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            for conv, seq in zip(convs[lo : lo + batch_size], out[:, enc["input_ids"].shape[1] :]):
+                answer = tokenizer.decode(seq, skip_special_tokens=True).strip()
+                reference = conv[-1]["content"].strip()
+                rows.append(
+                    {
+                        "prompt": conv[-2]["content"],
+                        "answer": answer,
+                        "reference": reference,
+                        "exact_match": answer == reference,
+                    }
+                )
+    return sum(r["exact_match"] for r in rows) / max(len(rows), 1), rows

@@ -37,7 +37,7 @@ setup(
         "gguf>=0.10",
     ],
     extras_require={
-        "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6"],
+        "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "moto[server]>=5"],  # moto: a local S3 for tests
         "s3": ["s3fs"],
     },
     entry_points={"console_scripts": ["infinitune=infinitune.launcher.cli:main"]},

@@ -236,3 +236,122 @@ def test_submit_to_a_ray_head_runs_the_job_and_status_reports_it(setup, runs, tm
     finally:
         subprocess.run([f"{venv_bin}/ray", "stop", "--force"], env=env, capture_output=True)
         shutil.rmtree(short, ignore_errors=True)
+
+
+@pytest.fixture
+def s3_endpoint():
+    """A local S3 (moto's server, the S3 protocol over HTTP) and the AWS_* environment that points at it."""
+    import socket
+
+    boto3 = pytest.importorskip("boto3")
+    pytest.importorskip("moto")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing-secret",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+    }
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                boto3.client(
+                    "s3",
+                    endpoint_url=env["AWS_ENDPOINT_URL"],
+                    region_name="us-east-1",
+                    aws_access_key_id="testing",
+                    aws_secret_access_key="testing-secret",
+                ).create_bucket(Bucket="bkt")
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)  # for this process's own reads of the storage (status, export)
+        yield env
+    finally:
+        for k, v in locals().get("saved", {}).items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_a_run_on_s3_storage_checkpoints_there_resumes_and_exports(setup, runs, tmp_path, s3_endpoint):
+    import pyarrow.fs as pafs
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from infinitune.trainer.storage import remote_checkpoints
+
+    local = tmp_path / "local"
+    config = tiny_job(
+        setup,
+        runs,
+        "s3-run",
+        train={"max_steps": 6},
+        checkpoint={"every_steps": 3},
+        cluster={"storage_path": "s3://bkt/runs", "local_dir": str(local)},
+    )
+    code, out = train_cli(config, env=s3_endpoint)
+    assert code == 0, out[-5000:]
+    assert "s3://bkt/runs/s3-run" in out
+    uri = "s3://bkt/runs/s3-run"
+    assert [(s, c) for s, _, c in remote_checkpoints(uri)] == [(3, True), (6, True)]
+    fs, _ = pafs.FileSystem.from_uri(uri)
+    names = {i.base_name for i in fs.get_file_info(pafs.FileSelector("bkt/runs/s3-run/checkpoints/step_000006"))}
+    assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= names  # every rank's shards
+    assert {"files.rank0.json", "files.rank1.json", "COMPLETE.json"} <= names
+    uploaded = [i.path for i in fs.get_file_info(pafs.FileSelector("bkt/runs/s3-run/tensorboard", recursive=True))]
+    assert any("events.out.tfevents" in p for p in uploaded)
+    with fs.open_input_stream("bkt/runs/s3-run/metrics.jsonl") as f:
+        steps = [json.loads(line)["step"] for line in f.read().decode().splitlines()]
+    assert max(steps) == 6
+    assert not (local / "s3-run" / "checkpoints").exists()  # nothing kept locally but config and logs
+
+    run_dir = local / "s3-run"
+    status = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "infinitune.launcher.cli", "status", str(run_dir)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    assert [c["step"] for c in status["checkpoints"]] == [3, 6]
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "infinitune.launcher.cli", "resume", str(run_dir), "train.max_steps=9"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **s3_endpoint},
+        timeout=600,
+    )
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-5000:]
+    log0 = (run_dir / "logs" / "rank0.log").read_text()
+    assert "resumed from" in log0 and "step 6" in log0
+    assert [s for s, _, _ in remote_checkpoints(uri)] == [6, 9]  # keep_last 2
+
+    out_dir = tmp_path / "export"
+    exported = subprocess.run(
+        [sys.executable, "-m", "infinitune.launcher.cli", "export", str(run_dir), "--out", str(out_dir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert (run_dir / "fetched" / "step_000009" / "COMPLETE.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(out_dir)
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -30,7 +30,13 @@ class ClusterConfig:
     """Times Ray restarts the workers after a failure before the job fails (-1: without limit)."""
 
     storage_path: str = "runs"
-    """Where run directories live: a local or shared directory, or s3://bucket/prefix."""
+    """Where run directories live: a local or shared directory, or a URI such as s3://bucket/prefix (through
+    pyarrow.fs; credentials and endpoint from the environment: AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, an instance
+    role). On a URI, Ray persists the checkpoints there and rank 0 copies the TensorBoard logs and metrics beside
+    them after every checkpoint."""
+
+    local_dir: str = "runs"
+    """With a URI storage_path: where the driver keeps the run's local directory (config, logs)."""
 
     object_store_memory_mb: int = 512
     """Object store size for an embedded Ray."""
@@ -42,4 +48,9 @@ class ClusterConfig:
         require(self.placement_strategy in strategies, "placement_strategy", f"must be one of {strategies}")
         require(self.max_failures >= -1, "max_failures", f"must be >= -1; got {self.max_failures}")
         require(bool(self.storage_path.strip()), "storage_path", "must name a directory or URI")
+        require(
+            "@" not in self.storage_path.split("://", 1)[-1].split("/", 1)[0],
+            "storage_path",
+            "must not hold credentials; give them through the environment (AWS_ACCESS_KEY_ID, ...)",
+        )
         require(self.object_store_memory_mb >= 78, "object_store_memory_mb", "Ray needs at least 78 MB")

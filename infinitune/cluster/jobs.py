@@ -61,11 +61,18 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
             if "train/loss" in row:
                 last = row
     from infinitune.trainer.checkpoint import checkpoint_problem, step_dirs
+    from infinitune.trainer.storage import remote_checkpoints, remote_run
 
-    checkpoints = [
-        {"step": step, "path": str(d), "complete": checkpoint_problem(d) is None}
-        for step, d in step_dirs(run_dir / "checkpoints")
-    ]
+    remote = remote_run(run_dir)
+    if remote is not None:  # what the storage holds; completeness by marker (verified when fetched)
+        checkpoints = [
+            {"step": step, "path": path, "complete": complete} for step, path, complete in remote_checkpoints(remote)
+        ]
+    else:
+        checkpoints = [
+            {"step": step, "path": str(d), "complete": checkpoint_problem(d) is None}
+            for step, d in step_dirs(run_dir / "checkpoints")
+        ]
     return {
         "run_dir": str(run_dir),
         "step": last.get("step", 0),

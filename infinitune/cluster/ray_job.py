@@ -99,8 +99,10 @@ def _worker_callbacks() -> list:
 class RayContext(RunContext):
     """The trainer's view of Ray: where to write checkpoints, how to persist and restore them, progress."""
 
-    def __init__(self, progress=None):
+    def __init__(self, progress=None, run_dir: Path | None = None, storage: str | None = None):
         self.progress = progress
+        self.run_dir = run_dir
+        self.storage = storage  # a URI: rank 0 copies TensorBoard logs and metrics there at every checkpoint
 
     def checkpoint_root(self, run_dir: Path, rank: int) -> tuple[Path, bool]:
         import ray.train
@@ -131,10 +133,19 @@ class RayContext(RunContext):
                 checkpoint_dir_name=checkpoint.name,
                 delete_local_checkpoint_after_upload=True,
             )
+            self.upload_logs()
         elif self.progress is not None and ray.train.get_context().get_world_rank() == 0:
             # A full or gone queue only costs the progress bar an update.
             with contextlib.suppress(Exception):
                 self.progress.put_nowait({"step": step, **metrics})
+
+    def upload_logs(self) -> None:
+        import ray.train
+
+        if self.storage and self.run_dir is not None and ray.train.get_context().get_world_rank() == 0:
+            from infinitune.trainer.storage import upload
+
+            upload(self.run_dir, self.storage)
 
     def preemption_requested(self) -> bool:
         import ray.train
@@ -153,14 +164,24 @@ def _train_fn(config: dict[str, Any]) -> None:
 
     rank = ray.train.get_context().get_world_rank()
     configure_logging(rank, Path(config["run_dir"]) / "logs" / f"rank{rank}.log")
-    code = train(spec_from_dict(config["job"], config["run_dir"]), RayContext(config.get("progress")))
+    context = RayContext(config.get("progress"), Path(config["run_dir"]), config.get("storage"))
+    code = train(spec_from_dict(config["job"], config["run_dir"]), context)
+    context.upload_logs()  # what came after the last checkpoint (final evaluation, hparams)
     if code == EXIT_PREEMPTED:
         # A failure for Ray, so that it restarts the workers, which continue from the checkpoint just saved.
         raise RuntimeError("preempted: a complete checkpoint was saved; restarting from it")
 
 
-def run_job(job: dict[str, Any], run_dir: Path, cluster: ClusterConfig, keep_last: int, total_steps: int) -> int:
-    """Run the resolved job on Ray until it ends; returns 0, or raises JobFailed with what to do."""
+def run_job(
+    job: dict[str, Any],
+    run_dir: Path,
+    cluster: ClusterConfig,
+    keep_last: int,
+    total_steps: int,
+    storage: str | None = None,
+) -> int:
+    """Run the resolved job on Ray until it ends; returns 0, or raises JobFailed with what to do. Checkpoints
+    go to RUN_DIR/checkpoints, or to STORAGE/checkpoints when `storage` (a URI) is given."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -173,7 +194,7 @@ def run_job(job: dict[str, Any], run_dir: Path, cluster: ClusterConfig, keep_las
         resources["GPU"] = 1
     trainer = TorchTrainer(
         _train_fn,
-        train_loop_config={"job": job, "run_dir": str(run_dir), "progress": progress},
+        train_loop_config={"job": job, "run_dir": str(run_dir), "storage": storage, "progress": progress},
         scaling_config=ScalingConfig(
             num_workers=cluster.num_workers,
             use_gpu=cluster.use_gpu,
@@ -183,7 +204,7 @@ def run_job(job: dict[str, Any], run_dir: Path, cluster: ClusterConfig, keep_las
         torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
         run_config=RunConfig(
             name="checkpoints",
-            storage_path=str(run_dir.resolve()),
+            storage_path=storage or str(run_dir.resolve()),
             checkpoint_config=CheckpointConfig(num_to_keep=keep_last),
             failure_config=FailureConfig(max_failures=cluster.max_failures),
             callbacks=_worker_callbacks(),

@@ -80,14 +80,19 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def _run(cfg, run_dir: Path, local: bool) -> int:
     """Run the job's workers on Ray (default) or as local processes; returns the exit code."""
     from infinitune.data_pipeline.shards import read_manifest
-    from infinitune.launcher.job_config import save_job_config
+    from infinitune.launcher.job_config import run_location, save_job_config
     from infinitune.trainer.preemption import EXIT_PREEMPTED
 
     read_manifest(cfg.data.shards_dir)  # shards must exist before any worker (or Ray) starts
+    storage = run_location(cfg)[1]
+    if storage is not None and local:
+        raise ConfigError("cluster.storage_path", f"{storage} is a URI, which only Ray writes to; drop --local")
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.yaml"
     save_job_config(cfg, config_path)
     print(f"run directory: {run_dir}\ntensorboard:   tensorboard --logdir {run_dir / 'tensorboard'}", flush=True)
+    if storage is not None:
+        print(f"storage:       {storage} (checkpoints, and TensorBoard logs copied at each checkpoint)", flush=True)
     if local:
         from infinitune.launcher.local import start_workers, wait_workers
 
@@ -96,12 +101,13 @@ def _run(cfg, run_dir: Path, local: bool) -> int:
         from infinitune.cluster.ray_job import JobFailed, run_job
 
         try:
-            code = run_job(cfg.to_dict(), run_dir, cfg.cluster, cfg.checkpoint.keep_last, cfg.train.max_steps)
+            code = run_job(cfg.to_dict(), run_dir, cfg.cluster, cfg.checkpoint.keep_last, cfg.train.max_steps, storage)
         except JobFailed as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
     if code == 0:
-        print(f"done: checkpoints in {run_dir / 'checkpoints'}; export with `infinitune export {run_dir} --out DIR`")
+        where = f"{storage}/checkpoints" if storage else run_dir / "checkpoints"
+        print(f"done: checkpoints in {where}; export with `infinitune export {run_dir} --out DIR`")
     elif code == EXIT_PREEMPTED:
         print(f"stopped with a complete checkpoint; continue with `infinitune resume {run_dir}`", file=sys.stderr)
     else:
@@ -113,11 +119,11 @@ def _run(cfg, run_dir: Path, local: bool) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from infinitune.launcher.job_config import absolute_paths, check_against_model, load_job_config
+    from infinitune.launcher.job_config import absolute_paths, check_against_model, load_job_config, run_location
 
     cfg = absolute_paths(load_job_config(args.config, args.overrides))
     check_against_model(cfg)
-    return _run(cfg, Path(cfg.cluster.storage_path) / cfg.name, args.local)
+    return _run(cfg, run_location(cfg)[0], args.local)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:

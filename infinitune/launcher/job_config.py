@@ -31,7 +31,7 @@ class JobConfig:
     """A fine-tuning job. Each component receives only its own section."""
 
     name: str
-    """The run's name: its directory is cluster.storage_path/name."""
+    """The run's name: its directory is cluster.storage_path/name (cluster.local_dir/name for a URI storage)."""
 
     model: ModelConfig
     """The model to fine-tune."""
@@ -125,8 +125,23 @@ def absolute_paths(cfg: JobConfig) -> JobConfig:
     model = dataclasses.replace(
         cfg.model, path=resolve(cfg.model.path, True), tokenizer=resolve(cfg.model.tokenizer, True)
     )
-    cluster = dataclasses.replace(cfg.cluster, storage_path=resolve(cfg.cluster.storage_path, False))
+    cluster = dataclasses.replace(
+        cfg.cluster,
+        storage_path=resolve(cfg.cluster.storage_path, False),
+        local_dir=resolve(cfg.cluster.local_dir, False),
+    )
     return dataclasses.replace(cfg, data=data, model=model, cluster=cluster)
+
+
+def run_location(cfg: JobConfig) -> tuple[Path, str | None]:
+    """(the run's local directory, its storage URI or None): `storage_path/name` when storage is a directory;
+    `local_dir/name` and `storage_path/name` when it is a URI."""
+    from infinitune.trainer.storage import is_uri
+
+    storage = cfg.cluster.storage_path
+    if is_uri(storage):
+        return Path(cfg.cluster.local_dir) / cfg.name, f"{storage.rstrip('/')}/{cfg.name}"
+    return Path(storage) / cfg.name, None
 
 
 def save_job_config(cfg: JobConfig, path: str | os.PathLike) -> None:

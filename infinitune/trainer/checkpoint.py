@@ -34,7 +34,7 @@ COMPLETE = "COMPLETE.json"
 STATE = "trainer_state.json"
 LATEST = "latest"
 FORMAT_VERSION = 1
-_STEP_DIR = re.compile(r"^step_(\d+)$")
+STEP_DIR_NAME = re.compile(r"^step_(\d+)$")
 _RANK_FILE = re.compile(r"(?:zero_pp_rank_|rank_|\.rank)(\d+)[._]")
 
 
@@ -161,7 +161,7 @@ def step_dirs(root: Path) -> list[tuple[int, Path]]:
     """(step, directory) of every step directory under `root`, by step (complete or not)."""
     if not root.is_dir():
         return []
-    return sorted((int(m.group(1)), d) for d in root.iterdir() if d.is_dir() and (m := _STEP_DIR.match(d.name)))
+    return sorted((int(m.group(1)), d) for d in root.iterdir() if d.is_dir() and (m := STEP_DIR_NAME.match(d.name)))
 
 
 class Checkpointer:

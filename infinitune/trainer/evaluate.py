@@ -114,7 +114,7 @@ def load_for_eval(target: str):
     from infinitune.trainer.config import ModelConfig
     from infinitune.trainer.model import load_causal_lm
 
-    if (Path(target) / "checkpoints").is_dir():
+    if (Path(target) / "checkpoints").is_dir() or (Path(target) / "config.yaml").is_file():
         from infinitune.trainer.export import build_from_checkpoint, find_checkpoint
 
         return build_from_checkpoint(find_checkpoint(target))

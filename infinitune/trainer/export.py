@@ -27,7 +27,16 @@ class ExportError(RuntimeError):
 
 
 def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
-    """The checkpoint of `step`, or the newest complete one, of a run directory."""
+    """The checkpoint of `step`, or the newest complete one, of a run directory (fetched into
+    RUN_DIR/fetched/ when the run's storage is a URI)."""
+    from infinitune.trainer.storage import fetch_checkpoint, remote_run
+
+    remote = remote_run(run_dir)
+    if remote is not None:
+        try:
+            return fetch_checkpoint(remote, Path(run_dir) / "fetched", step)
+        except FileNotFoundError as e:
+            raise ExportError(str(e)) from None
     root = Path(run_dir) / "checkpoints"
     if step is not None:
         directory = step_dir(root, step)

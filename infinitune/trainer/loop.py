@@ -220,6 +220,7 @@ def save(w: Workspace, spec: TrainerSpec, state: TrainState, ctx: RunContext) ->
     directory = w.checkpointer.save(state.step, w.engine, trainer_state, w.hf_files)
     blocked = time.perf_counter() - t0
     w.metrics.scalars(state.step, {"perf/checkpoint_s": blocked})
+    w.metrics.flush()  # a launcher that copies the logs at each checkpoint copies them whole
     ctx.report(state.step, {"perf/checkpoint_s": blocked}, directory)
 
 

@@ -30,7 +30,7 @@ quickstart: $(STAMP)
 	$(BIN)/infinitune export $(QS) --out $(QS)/export
 	$(BIN)/infinitune eval $(QS)/export --data $(QS)/data/heldout.jsonl --max-new-tokens 16 --out $(QS)/eval_after.json
 	$(BIN)/infinitune generate $(QS)/export --prompt "$$(printf 'Reverse the letters of the word.\n\nbanana')"
-	@$(BIN)/python -c "import json; b, a = (json.load(open('$(QS)/eval_' + w + '.json'))['exact_match'] for w in ('before', 'after')); print(f'exact match on 40 held-out tasks: before {b:.1%}, after {a:.1%}')"
+	@$(BIN)/python -c "import json; b, a = (json.load(open('$(QS)/eval_' + w + '.json'))['metrics']['exact_match'] for w in ('before', 'after')); print(f'exact match on 40 held-out tasks: before {b:.1%}, after {a:.1%}')"
 	@echo "TensorBoard: $(BIN)/tensorboard --logdir $(QS)/tensorboard    model: $(QS)/export"
 
 test: $(STAMP)

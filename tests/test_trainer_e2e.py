@@ -39,6 +39,8 @@ SCALARS = [
     "eval/loss",
     "eval/ppl",
     "eval/exact_match",
+    "eval/rouge_l",
+    "eval/bleu",
     "perf/checkpoint_s",
 ]
 

@@ -185,17 +185,29 @@ def cmd_stop(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from infinitune.trainer.evaluate import exact_match_on_records, load_for_eval
+    from infinitune.trainer.evaluate import EvalSettings, Sampling, build_report, eval_slice, format_report
+    from infinitune.trainer.scoring import parse_metrics
 
-    lines = Path(args.data).read_text(encoding="utf-8").splitlines()
-    records = [json.loads(x) for x in lines if x.strip()][: args.limit]
-    model, tokenizer = load_for_eval(args.model)
-    score, rows = exact_match_on_records(model, tokenizer, records, args.max_new_tokens)
-    for r in rows[:5]:
-        print(f"  {r['prompt'][:60]!r} -> {r['answer'][:40]!r} (want {r['reference'][:40]!r})")
-    print(f"exact_match {score:.3f} on {len(rows)} records ({args.model})")
+    try:
+        metrics = parse_metrics(args.metrics)
+    except ValueError as e:
+        raise ConfigError("--metrics", str(e).split(": ", 1)[1]) from None
+    if not Path(args.data).exists() and "://" not in args.data:
+        raise ConfigError("--data", f"{args.data} does not exist; give a file of records or a shards directory")
+    sampling = Sampling(args.temperature, args.top_p, args.seed) if args.sample else None
+    settings = EvalSettings(metrics, args.max_new_tokens, args.batch_size, args.limit, sampling, args.step)
+    if args.workers > 1:
+        from infinitune.cluster.eval_job import eval_on_workers
+
+        rows, dropped, total = eval_on_workers(args.model, args.data, settings, args.workers, args.address)
+    else:
+        rows, dropped, total = eval_slice(args.model, args.data, settings)
+    report = build_report(args.model, args.data, settings, rows, dropped, total)
+    print(format_report(report))
     if args.out:
-        Path(args.out).write_text(json.dumps({"exact_match": score, "rows": rows}, indent=1))
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
+        print(f"report: {args.out}")
     return 0
 
 
@@ -313,12 +325,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("eval", help="exact-match accuracy of a model, export or run on held-out records")
-    p.add_argument("model", help="an HF directory, a hub id, or a run directory")
-    p.add_argument("--data", required=True, help="a JSONL file of records (e.g. from generate-data)")
-    p.add_argument("--limit", type=int, default=100)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--out", default=None, help="write the per-record rows as JSON here")
+    p = sub.add_parser(
+        "eval", help="score a model, an export or a run on held-out tasks: exact match, ROUGE-L, BLEU, loss"
+    )
+    p.add_argument("model", help="an HF directory, a hub id or .gguf (the base model), or a run directory")
+    p.add_argument("--data", required=True, help="records (JSON, JSONL, parquet, ...) or a prepared shards directory")
+    p.add_argument("--metrics", default="exact_match,rouge_l,bleu,loss", help="comma-separated, from the above")
+    p.add_argument("--limit", type=_count, default=None, help="use the first N examples")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--sample", action="store_true", help="sample (seeded) instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step", type=int, default=None, help="with a run directory: this step's checkpoint")
+    p.add_argument("--workers", type=int, default=1, help="spread the examples over this many Ray workers")
+    p.add_argument("--address", default=None, help="with --workers: the Ray cluster (default: an embedded one)")
+    p.add_argument("--out", default=None, help="write the JSON report (aggregates and per-example rows) here")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="answer a prompt with a model directory (chat template applied)")

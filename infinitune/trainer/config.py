@@ -110,11 +110,19 @@ class TrainConfig:
     """Evaluate on the validation split every this many steps (0: never)."""
 
     early_stopping_patience: int = 0
-    """Stop after this many evaluations without a better validation loss (0: never)."""
+    """Stop after this many evaluations without a better `early_stopping_metric` (0: never)."""
+
+    early_stopping_metric: Literal["loss", "exact_match", "rouge_l", "bleu"] = "loss"
+    """What early stopping watches: validation loss (lower is better) or a score of the generated answers
+    (higher is better; it must be in eval_metrics)."""
 
     eval_generations: int = 4
-    """Validation prompts answered greedily at each evaluation: logged as TensorBoard text and scored by exact
-    match against the reference answer."""
+    """Validation tasks answered greedily at each evaluation (the same ones each time): scored by
+    eval_metrics, and a few logged in full as TensorBoard text."""
+
+    eval_metrics: list[str] = field(default_factory=lambda: ["exact_match", "rouge_l", "bleu"])
+    """Scores of the generated answers against the references, written as eval/<name>: exact_match,
+    rouge_l (F1, rouge-score), bleu (corpus BLEU, sacrebleu). The validation loss is always computed."""
 
     max_new_tokens: int = 64
     """Longest generated answer in evaluation."""
@@ -124,6 +132,15 @@ class TrainConfig:
 
     def __post_init__(self):
         require(self.eval_generations >= 0, "eval_generations", f"must be >= 0; got {self.eval_generations}")
+        known = ("exact_match", "rouge_l", "bleu")
+        unknown = [m for m in self.eval_metrics if m not in known]
+        require(not unknown, "eval_metrics", f"unknown {unknown}; choose from {', '.join(known)}")
+        if self.early_stopping_patience and self.early_stopping_metric != "loss":
+            require(
+                self.early_stopping_metric in self.eval_metrics and self.eval_generations > 0,
+                "early_stopping_metric",
+                f"{self.early_stopping_metric} is only computed when it is in eval_metrics and eval_generations > 0",
+            )
         require(self.max_new_tokens > 0, "max_new_tokens", f"must be positive; got {self.max_new_tokens}")
         for name in ("global_batch_size", "micro_batch_size", "max_steps"):
             require(getattr(self, name) > 0, name, f"must be positive; got {getattr(self, name)}")

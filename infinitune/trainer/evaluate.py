@@ -1,17 +1,26 @@
-"""Evaluation during training: validation loss and perplexity, and greedy answers to held-out prompts."""
+"""Evaluation: held-out tasks (from records or prepared shards) answered by batched generation and scored, the
+answer tokens' loss, and validation loss over a whole split. The same code serves `infinitune eval` and the
+evaluations during training."""
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from infinitune.data_pipeline.errors import DataError, RecordError
 from infinitune.data_pipeline.shards import Manifest, iter_shard, join_url
 from infinitune.data_pipeline.stream import StatefulLoader
 from infinitune.data_pipeline.template import IGNORE
 from infinitune.trainer import distributed
+from infinitune.trainer.scoring import GENERATION_METRICS
+
+log = logging.getLogger(__name__)
 
 
 def validation_loss(engine, loader: StatefulLoader) -> tuple[float, int]:
@@ -34,126 +43,349 @@ def perplexity(loss: float) -> float:
 
 
 @dataclass
-class Prompt:
-    prompt_ids: list[int]  # the document up to its first answer (template's generation prompt included)
-    reference_ids: list[int]  # the first answer's trained tokens (end-of-turn included)
+class Example:
+    """A held-out task: the conversation up to its answer, the reference answer, and (for the answer-token loss)
+    the whole conversation's ids with labels on the answer."""
+
+    prompt_ids: list[int]
+    reference: str
+    where: str  # file:line, or shard#document
+    ids: list[int] | None = None
+    labels: list[int] | None = None
 
 
-def held_out_prompts(base: str, manifest: Manifest, n: int) -> list[Prompt]:
-    """The first `n` validation documents, cut at their first answer."""
-    prompts: list[Prompt] = []
-    for shard in manifest.splits.get("val").shards if "val" in manifest.splits else []:
-        for _, sample in iter_shard(join_url(base, shard.name), count=shard.samples):
+def examples_from_shards(base: str, manifest: Manifest, tokenizer, n: int | None, split: str = "val") -> list[Example]:
+    """The first `n` documents of a prepared split, cut at their first answer (loss: all their trained tokens)."""
+    examples: list[Example] = []
+    if split not in manifest.splits:
+        raise DataError(f"{base}: the shards have no {split!r} split (they have {sorted(manifest.splits)})")
+    for shard in manifest.splits[split].shards:
+        for index, sample in iter_shard(join_url(base, shard.name), count=shard.samples):
             ids, labels, pos = sample["input_ids"], sample["labels"], sample["position_ids"]
             starts = [*np.flatnonzero(pos == 0).tolist(), len(ids)]
             for a, b in zip(starts, starts[1:]):
                 trained = np.flatnonzero(labels[a:b] != IGNORE)
                 if len(trained) == 0:
                     continue  # padding
-                first = int(trained[0])
-                end = first
+                first = end = int(trained[0])
                 while end < b - a and labels[a + end] != IGNORE:
                     end += 1
-                prompts.append(Prompt(ids[a : a + first].tolist(), ids[a + first : a + end].tolist()))
-                if len(prompts) >= n:
-                    return prompts
-    return prompts
+                examples.append(
+                    Example(
+                        prompt_ids=ids[a : a + first].tolist(),
+                        reference=tokenizer.decode(ids[a + first : a + end].tolist(), skip_special_tokens=True).strip(),
+                        where=f"{shard.name}#{index}@{a}",
+                        ids=ids[a:b].tolist(),
+                        labels=labels[a:b].tolist(),
+                    )
+                )
+                if n is not None and len(examples) >= n:
+                    return examples
+    return examples
 
 
-def generate_answers(lm, tokenizer, prompts: list[Prompt], max_new_tokens: int, synced: bool) -> list[dict]:
-    """Greedy answers. Under ZeRO-3 every rank must join every forward pass (`synced`), so all ranks answer
-    the same prompts, one at a time (no padding to get wrong)."""
-    rows = []
+def examples_from_records(path: str, tokenizer, limit: int | None = None) -> tuple[list[Example], dict[str, int]]:
+    """Held-out tasks from a file of records in any format `prepare` reads: the conversation without its last
+    answer is the prompt (through the tokenizer's chat template), that answer the reference. Records that
+    cannot be used are counted by reason, never silently left out."""
+    from infinitune.data_pipeline.config import SourceConfig
+    from infinitune.data_pipeline.formats import detect_format, normalise
+    from infinitune.data_pipeline.sources import iter_records
+    from infinitune.data_pipeline.template import ChatEncoder
+    from infinitune.data_pipeline.tokenizer import resolve_chat_template
+
+    records = []
+    for location, record in iter_records(SourceConfig(path=path), "--data"):
+        records.append((location, record))
+        if limit is not None and len(records) >= limit:
+            break
+    fmt = detect_format(r for _, r in records if not isinstance(r, RecordError))
+    if fmt is None:
+        raise DataError(f"--data {path}: cannot tell the records' format (alpaca, sharegpt or messages)")
+    encoder = ChatEncoder(tokenizer, resolve_chat_template(tokenizer, None), train_on="last")
+    examples: list[Example] = []
+    dropped: dict[str, int] = {}
+    for location, record in records:
+        try:
+            if isinstance(record, RecordError):
+                raise record
+            conv = normalise(record, fmt)
+            if conv.messages[-1]["role"] != "assistant":
+                raise RecordError("no_answer", "the last turn is not an answer to compare with")
+            messages = encoder.messages_for(conv)
+            prompt = encoder.render(messages[:-1], conv.tools, generation_prompt=True)
+            encoded = encoder.encode([conv])[0]
+            if isinstance(encoded, RecordError):
+                raise encoded
+        except RecordError as e:
+            dropped[e.reason] = dropped.get(e.reason, 0) + 1
+            log.warning("%s: skipped (%s)", location, e)
+            continue
+        ids, labels = encoded
+        examples.append(
+            Example(
+                prompt_ids=tokenizer(prompt, add_special_tokens=False)["input_ids"],
+                reference=conv.messages[-1]["content"].strip(),
+                where=location,
+                ids=ids.tolist(),
+                labels=labels.tolist(),
+            )
+        )
+    return examples, dropped
+
+
+def end_of_turn_ids(lm, tokenizer) -> list[int]:
+    """Where an answer ends: the model's generation-config end ids (its end-of-turn token) and the tokenizer's."""
+    ids: list[int] = []
+    config_eos = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
+    for tid in [*(config_eos if isinstance(config_eos, list) else [config_eos]), tokenizer.eos_token_id]:
+        if tid is not None and tid not in ids:
+            ids.append(int(tid))
+    return ids
+
+
+@dataclass
+class Sampling:
+    """Sampled instead of greedy generation; seeded per batch, so answers do not depend on the worker count."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+def generate(
+    lm,
+    tokenizer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    batch_size: int = 8,
+    synced: bool = False,
+    sampling: Sampling | None = None,
+    first_index: int = 0,
+    progress=None,
+) -> list[str]:
+    """Answers to token-id prompts, in left-padded batches, stopping at the end of the turn.
+
+    Under ZeRO-3 on several ranks every rank must join every forward pass (`synced`): all ranks then answer
+    the same prompts. `first_index` is the global index of prompts[0], for seeding sampled batches.
+    """
     device = distributed.device()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn_ids(lm, tokenizer)[0]
+    eos = end_of_turn_ids(lm, tokenizer)
+    was_training = lm.training
+    lm.eval()
+    answers: list[str] = []
+    with torch.no_grad():
+        for lo in range(0, len(prompts), batch_size):
+            batch = prompts[lo : lo + batch_size]
+            width = max(len(p) for p in batch)
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+            options: dict[str, Any] = {"do_sample": False}
+            if sampling is not None:
+                torch.manual_seed(sampling.seed + first_index + lo)
+                options = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
+            out = lm.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                use_cache=True,  # the model was built with it off (training packs documents)
+                synced_gpus=synced,
+                pad_token_id=pad,
+                eos_token_id=eos,
+                **options,
+            )
+            for seq in out[:, width:]:
+                answers.append(tokenizer.decode(seq, skip_special_tokens=True).strip())
+            if progress is not None:
+                progress.update(len(batch))
+    lm.train(was_training)
+    return answers
+
+
+def answer_losses(lm, examples: list[Example], batch_size: int = 8, progress=None) -> list[tuple[float, int]]:
+    """(summed cross-entropy, tokens) of each example's answer tokens under the model (right-padded batches)."""
+    device = distributed.device()
+    out: list[tuple[float, int]] = []
     was_training = lm.training
     lm.eval()
     with torch.no_grad():
-        for p in prompts:
-            ids = torch.tensor([p.prompt_ids], device=device)
-            out = lm.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                use_cache=True,
-                synced_gpus=synced,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            answer = tokenizer.decode(out[0, len(p.prompt_ids) :], skip_special_tokens=True).strip()
-            reference = tokenizer.decode(p.reference_ids, skip_special_tokens=True).strip()
-            rows.append(
-                {
-                    "prompt": tokenizer.decode(p.prompt_ids, skip_special_tokens=False),
-                    "answer": answer,
-                    "reference": reference,
-                    "exact_match": answer == reference,
-                }
-            )
+        for lo in range(0, len(examples), batch_size):
+            batch = examples[lo : lo + batch_size]
+            width = max(len(e.ids) for e in batch)
+            ids = torch.tensor([e.ids + [0] * (width - len(e.ids)) for e in batch], device=device)
+            labels = torch.tensor([e.labels + [IGNORE] * (width - len(e.ids)) for e in batch], device=device)
+            mask = torch.tensor([[1] * len(e.ids) + [0] * (width - len(e.ids)) for e in batch], device=device)
+            logits = lm(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+            targets = labels[:, 1:]
+            losses = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
+            for row, target in zip(losses, targets):
+                out.append((float(row.sum()), int((target != IGNORE).sum())))
+            if progress is not None:
+                progress.update(len(batch))
     lm.train(was_training)
+    return out
+
+
+def evaluate_examples(
+    lm,
+    tokenizer,
+    examples: list[Example],
+    metrics: list[str],
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    sampling: Sampling | None = None,
+    synced: bool = False,
+    first_index: int = 0,
+    progress=None,
+) -> list[dict[str, Any]]:
+    """One row per example: prompt, answer, reference, and the loss sums; `scoring.score_rows` scores them."""
+    rows: list[dict[str, Any]] = [
+        {
+            "where": e.where,
+            "prompt": tokenizer.decode(e.prompt_ids, skip_special_tokens=False),
+            "reference": e.reference,
+        }
+        for e in examples
+    ]
+    if any(m in GENERATION_METRICS for m in metrics):
+        answers = generate(
+            lm,
+            tokenizer,
+            [e.prompt_ids for e in examples],
+            max_new_tokens,
+            batch_size,
+            synced,
+            sampling,
+            first_index,
+            progress,
+        )
+        for row, answer in zip(rows, answers):
+            row["answer"] = answer
+    if "loss" in metrics:
+        for row, (total, n) in zip(rows, answer_losses(lm, examples, batch_size)):
+            row["loss_sum"], row["loss_tokens"] = total, n
     return rows
 
 
 def as_markdown(rows: list[dict]) -> str:
+    """Rows as a markdown table (TensorBoard text), with whichever scores they carry."""
+
     def cell(text: str) -> str:
         return text.replace("|", "\\|").replace("\n", "<br>")
 
-    lines = ["| prompt | answer | reference | exact |", "|---|---|---|---|"]
+    scores = [m for m in (*GENERATION_METRICS, "loss") if rows and m in rows[0]]
+    lines = ["| " + " | ".join(["prompt", "answer", "reference", *scores]) + " |", "|---" * (3 + len(scores)) + "|"]
     for r in rows:
-        prompt = r["prompt"][-300:]
-        lines.append(f"| {cell(prompt)} | {cell(r['answer'])} | {cell(r['reference'])} | {r['exact_match']} |")
+        values = [f"{r[m]:.3g}" for m in scores]
+        lines.append(
+            "| "
+            + " | ".join([cell(r["prompt"][-300:]), cell(r.get("answer", "")), cell(r["reference"]), *values])
+            + " |"
+        )
     return "\n".join(lines)
 
 
-def load_for_eval(target: str):
-    """(model, tokenizer) from an HF directory, a hub id / .gguf, or a run directory (its newest checkpoint,
-    consolidated in memory)."""
+def is_run_dir(target: str) -> bool:
     from pathlib import Path
 
+    return (Path(target) / "config.yaml").is_file() and not (Path(target) / "config.json").is_file()
+
+
+def load_for_eval(target: str, step: int | None = None):
+    """(model, tokenizer) from an HF directory, a hub id / .gguf, or a run directory (its newest complete
+    checkpoint, or `step`, consolidated in memory: the same weights `export` writes)."""
     from infinitune.data_pipeline.tokenizer import load_tokenizer
     from infinitune.trainer.config import ModelConfig
     from infinitune.trainer.model import load_causal_lm
 
-    if (Path(target) / "checkpoints").is_dir() or (Path(target) / "config.yaml").is_file():
+    if is_run_dir(target):
         from infinitune.trainer.export import build_from_checkpoint, find_checkpoint
 
-        return build_from_checkpoint(find_checkpoint(target))
+        return build_from_checkpoint(find_checkpoint(target, step))
     return load_causal_lm(ModelConfig(path=target), torch.float32), load_tokenizer(target)
 
 
-def exact_match_on_records(model, tokenizer, records: list[dict], max_new_tokens: int = 32, batch_size: int = 8):
-    """Greedy answers to records' conversations (without their last answer) through the chat template, in
-    left-padded batches; returns (fraction exactly matching the reference answer, rows)."""
-    from infinitune.data_pipeline.formats import detect_format, normalise
+def load_examples(data: str, tokenizer, limit: int | None) -> tuple[list[Example], dict[str, int]]:
+    """Examples from a prepared shards directory (its validation split) or a file/directory of records."""
+    from pathlib import Path
 
-    fmt = detect_format(records)
-    if fmt is None:
-        raise ValueError("cannot tell the records' format (alpaca, sharegpt or messages)")
-    convs = [normalise(r, fmt).messages for r in records]
-    prompts = [tokenizer.apply_chat_template(c[:-1], add_generation_prompt=True, tokenize=False) for c in convs]
-    tokenizer.padding_side = "left"
-    model.eval()
-    rows = []
-    with torch.no_grad():
-        for lo in range(0, len(prompts), batch_size):
-            enc = tokenizer(prompts[lo : lo + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-            out = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                use_cache=True,  # the model is loaded with it off (training packs documents)
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            for conv, seq in zip(convs[lo : lo + batch_size], out[:, enc["input_ids"].shape[1] :]):
-                answer = tokenizer.decode(seq, skip_special_tokens=True).strip()
-                reference = conv[-1]["content"].strip()
-                rows.append(
-                    {
-                        "prompt": conv[-2]["content"],
-                        "answer": answer,
-                        "reference": reference,
-                        "exact_match": answer == reference,
-                    }
-                )
-    return sum(r["exact_match"] for r in rows) / max(len(rows), 1), rows
+    from infinitune.data_pipeline.shards import read_manifest
+
+    if (Path(data) / "manifest.json").is_file() or "://" in data:
+        from infinitune.data_pipeline.shards import check_tokenizer
+        from infinitune.data_pipeline.tokenizer import tokenizer_fingerprint
+
+        manifest = read_manifest(data)
+        # Token ids only mean the same text under the tokenizer that made them (the prompts carry their template).
+        check_tokenizer(manifest, tokenizer_fingerprint(tokenizer), manifest.chat_template, f"--data {data}")
+        split = "val" if "val" in manifest.splits else "train"
+        return examples_from_shards(data, manifest, tokenizer, limit, split), {}
+    return examples_from_records(data, tokenizer, limit)
+
+
+def format_report(report: dict[str, Any], show: int = 5) -> str:
+    """The terminal view of a report: a few rows, then one line per aggregate."""
+    lines = []
+    for r in report["rows"][:show]:
+        scores = " ".join(f"{m}={r[m]:.3g}" for m in (*GENERATION_METRICS, "loss") if m in r)
+        answer = r.get("answer", "")
+        lines.append(f"  {r['where']}: {answer[:50]!r} (want {r['reference'][:50]!r}) {scores}")
+    width = max(len(k) for k in report["metrics"]) if report["metrics"] else 0
+    lines.append(f"{report['model']} on {report['examples']} examples of {report['data']}:")
+    for name, value in report["metrics"].items():
+        lines.append(f"  {name:<{width}}  {value:.4f}" if isinstance(value, float) else f"  {name:<{width}}  {value}")
+    if report["dropped"]:
+        lines.append("  records left out: " + ", ".join(f"{k} {v}" for k, v in sorted(report["dropped"].items())))
+    return "\n".join(lines)
+
+
+@dataclass
+class EvalSettings:
+    """How `infinitune eval` answers and scores."""
+
+    metrics: list[str]
+    max_new_tokens: int = 64
+    batch_size: int = 8
+    limit: int | None = None
+    sampling: Sampling | None = None
+    step: int | None = None
+
+
+def eval_slice(target: str, data: str, settings: EvalSettings, lo: int = 0, hi: int | None = None, progress=True):
+    """(rows of examples lo..hi, records left out by reason, examples in all): one worker's share."""
+    from tqdm import tqdm
+
+    lm, tokenizer = load_for_eval(target, settings.step)
+    examples, dropped = load_examples(data, tokenizer, settings.limit)
+    mine = examples[lo:hi]
+    with tqdm(total=len(mine), unit="ex", desc="eval", disable=not progress) as bar:
+        rows = evaluate_examples(
+            lm,
+            tokenizer,
+            mine,
+            settings.metrics,
+            settings.max_new_tokens,
+            settings.batch_size,
+            settings.sampling,
+            first_index=lo,
+            progress=bar,
+        )
+    return rows, dropped, len(examples)
+
+
+def build_report(target: str, data: str, settings: EvalSettings, rows, dropped, total: int) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    from infinitune.trainer.scoring import score_rows
+
+    aggregates = score_rows(rows, settings.metrics)
+    return {
+        "model": target,
+        "data": data,
+        "examples": total,
+        "metrics": aggregates,
+        "dropped": dropped,
+        "settings": asdict(settings),
+        "rows": rows,
+    }

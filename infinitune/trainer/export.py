@@ -75,7 +75,11 @@ def build_from_checkpoint(directory: Path) -> tuple[torch.nn.Module, Any]:
     hf = directory / "hf"
     config = AutoConfig.from_pretrained(hf)
     state = consolidated_state_dict(directory, trainer_state["zero_stage"])
-    with torch.device("meta"):
+    from accelerate import init_empty_weights
+
+    # Parameters on the meta device (the checkpoint's tensors are assigned in), buffers such as the rotary
+    # frequencies computed for real: the model must also run, for eval.
+    with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     lora_file = hf / "lora.json"
     if lora_file.exists():

@@ -36,8 +36,8 @@ from infinitune.trainer.context import RunContext
 from infinitune.trainer.ds_config import deepspeed_config
 from infinitune.trainer.evaluate import (
     as_markdown,
-    generate_answers,
-    held_out_prompts,
+    evaluate_examples,
+    examples_from_shards,
     perplexity,
     validation_loss,
 )
@@ -51,6 +51,7 @@ from infinitune.trainer.metrics import (
 from infinitune.trainer.model import build_model, parameter_counts
 from infinitune.trainer.preemption import EXIT_PREEMPTED, Preemption
 from infinitune.trainer.schedule import make_scheduler
+from infinitune.trainer.scoring import HIGHER_IS_BETTER, score_rows
 
 log = logging.getLogger(__name__)
 EXIT_OK = 0
@@ -79,6 +80,8 @@ class TrainState:
     tokens_seen: int = 0
     trained_tokens_seen: int = 0
     best_eval_loss: float = math.inf
+    best_eval: float = math.nan  # of train.early_stopping_metric
+    evals: int = 0
     evals_without_improvement: int = 0
 
     def state_dict(self) -> dict[str, Any]:
@@ -86,7 +89,7 @@ class TrainState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k in asdict(self):
-            setattr(self, k, state[k])
+            setattr(self, k, state.get(k, getattr(self, k)))  # fields added later keep their defaults
 
 
 def seed_everything(seed: int) -> None:
@@ -191,19 +194,34 @@ def train_step(engine, micro: list[dict], world: int, device: torch.device) -> t
 
 
 def evaluate(w: Workspace, spec: TrainerSpec, state: TrainState, ctx: RunContext) -> bool:
-    """Validation loss and perplexity, and greedy answers; returns whether early stopping says stop."""
+    """Validation loss and perplexity over the whole split, and the held-out tasks answered and scored (the
+    code of `infinitune eval`); returns whether early stopping says stop."""
     loss, _ = validation_loss(w.engine, w.val_loader)
     metrics = {"eval/loss": loss, "eval/ppl": perplexity(loss)}
-    if w.prompts:
-        rows = generate_answers(w.lm, w.tokenizer, w.prompts, spec.train.max_new_tokens, w.zero3 and w.world > 1)
-        metrics["eval/exact_match"] = sum(r["exact_match"] for r in rows) / len(rows)
-        w.metrics.text(state.step, "eval/generations", as_markdown(rows))
+    if w.examples:
+        rows = evaluate_examples(
+            w.lm,
+            w.tokenizer,
+            w.examples,
+            spec.train.eval_metrics,
+            spec.train.max_new_tokens,
+            batch_size=8,
+            synced=w.zero3 and w.world > 1,
+        )
+        scores = score_rows(rows, spec.train.eval_metrics)
+        metrics.update({f"eval/{k}": v for k, v in scores.items()})
+        w.metrics.text(state.step, "eval/generations", as_markdown(rows[:8]))
     w.metrics.scalars(state.step, metrics)
     ctx.report(state.step, metrics, None)
-    if loss < state.best_eval_loss:
-        state.best_eval_loss, state.evals_without_improvement = loss, 0
+    watched = spec.train.early_stopping_metric
+    value = metrics[f"eval/{watched}"]
+    better = value > state.best_eval if HIGHER_IS_BETTER[watched] else value < state.best_eval
+    if better or state.evals == 0:
+        state.best_eval, state.evals_without_improvement = value, 0
     else:
         state.evals_without_improvement += 1
+    state.best_eval_loss = min(state.best_eval_loss, loss)
+    state.evals += 1
     patience = spec.train.early_stopping_patience
     return bool(patience and state.evals_without_improvement >= patience)
 
@@ -237,7 +255,7 @@ class Workspace:
     tokenizer: Any
     train_loader: StatefulLoader
     val_loader: StatefulLoader
-    prompts: list
+    examples: list  # held-out tasks answered at each evaluation
     checkpointer: Checkpointer
     metrics: MetricsWriter
     preemption: Preemption
@@ -356,7 +374,9 @@ def setup(spec: TrainerSpec, ctx: RunContext) -> Workspace:
         tokenizer=tokenizer,
         train_loader=train_loader,
         val_loader=val_loader,
-        prompts=held_out_prompts(base, manifest, spec.train.eval_generations) if val_loader else [],
+        examples=examples_from_shards(base, manifest, tokenizer, spec.train.eval_generations)
+        if val_loader and spec.train.eval_generations
+        else [],
         checkpointer=checkpointer,
         metrics=metrics,
         preemption=Preemption(spec.checkpoint.preemption_grace_s),

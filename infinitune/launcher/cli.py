@@ -211,6 +211,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from infinitune.launcher.compare import plot, read_run, table
+
+    runs = [read_run(r) for r in args.runs]
+    text = table(runs)
+    print(text)
+    if args.table:
+        Path(args.table).write_text(text + "\n", encoding="utf-8")
+    print(f"loss curves: {plot(runs, args.out)}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from infinitune.trainer.export import export
 
@@ -343,6 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="with --workers: the Ray cluster (default: an embedded one)")
     p.add_argument("--out", default=None, help="write the JSON report (aggregates and per-example rows) here")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "compare", help="a table of eval metrics, tokens, time and memory of runs, and their loss curves"
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (their tensorboard/ is read)")
+    p.add_argument("--out", default="compare.png", help="the loss-curve plot (PNG)")
+    p.add_argument("--table", default=None, help="also write the table (markdown) here")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("generate", help="answer a prompt with a model directory (chat template applied)")
     p.add_argument("model_dir")

@@ -128,6 +128,7 @@ def train(spec: TrainerSpec, ctx: RunContext) -> int:
                 "train/lr": lr,
                 "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
                 "train/epoch": w.train_loader.epoch,
+                "train/trained_tokens": state.trained_tokens_seen,
                 "perf/tokens_per_s": tokens / step_time,
                 "perf/trained_tokens_per_s": trained / step_time,
                 "perf/mfu": flops / step_time / (w.peak_tflops * 1e12 * w.world) if w.peak_tflops else 0.0,

@@ -55,14 +55,14 @@ def test_overrides_set_typed_values(tmp_path):
             "train.lr=3e-4",
             "data.seq_len=512",
             "data.sources.0.weight=2",
-            "model.lora={r: 8}",
+            "model.adapter={method: ia3, target_modules: [k_proj, down_proj]}",
             "logging.tensorboard=false",
         ],
     )
     assert cfg.train.lr == pytest.approx(3e-4)  # YAML reads 3e-4 as a string: taken as the number meant
     assert cfg.data.seq_len == 512
     assert cfg.data.sources[0].weight == 2.0
-    assert cfg.model.lora is not None and cfg.model.lora.r == 8 and cfg.model.lora.alpha == 32.0
+    assert cfg.model.adapter is not None and cfg.model.adapter.method == "ia3" and cfg.model.adapter.r == 16
     assert cfg.logging.tensorboard is False
 
 
@@ -143,7 +143,7 @@ def test_field_docstrings_are_the_help_text():
     docs = field_docs(DataConfig)
     assert "Tokens per training sample" in docs["seq_len"]
     rows = {key: doc for key, _, _, doc in describe(JobConfig)}
-    assert "data.sources[].path" in rows and "train.lr" in rows and "model.lora.r" in rows
+    assert "data.sources[].path" in rows and "train.lr" in rows and "model.adapter.method" in rows
     undocumented = [key for key, doc in rows.items() if not doc]
     assert not undocumented, f"config fields without a docstring: {undocumented}"
 

@@ -163,7 +163,7 @@ def test_lora_trains_and_exports_merged(setup, runs, tmp_path):
         setup,
         runs,
         "lora",
-        model={"lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}},
+        model={"adapter": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}},
         train={"lr": 1e-2, "max_steps": 8, "eval_every": 0},
     )
     assert run(config) == 0, logs(config)

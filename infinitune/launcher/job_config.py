@@ -75,6 +75,21 @@ class JobConfig:
                 "compiled layers failed under ZeRO-3's parameter hooks; use zero_stage 0-2",
             )
 
+        adapter = self.model.adapter
+        if adapter is not None and adapter.method == "adalora" and self.deepspeed.zero_stage > 0:
+            raise ConfigError(
+                "model.adapter.method",
+                f"adalora with deepspeed.zero_stage {self.deepspeed.zero_stage} is not supported: AdaLoRA ranks "
+                "its adapters by their whole gradients, which ZeRO 1-3 partition across ranks; use "
+                "deepspeed.zero_stage=0 (the adapters are small), or method lora",
+            )
+        if adapter is not None and adapter.method == "prefix":
+            raise ConfigError(
+                "model.adapter.method",
+                "prefix tuning is not supported yet: peft's prefix reaches neither transformers 5's packed-sequence "
+                "masks nor its generate(); use method lora, adalora or ia3",
+            )
+
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
 

@@ -175,6 +175,7 @@ class Checkpointer:
         keep_last: int = 2,
         verify: str = "sha256",
         shared: bool = True,
+        trainable_only: bool = False,
     ):
         """`root` is where checkpoints are written: one directory all ranks share (a local or shared file
         system), or, with shared=False, a directory of this rank's own from which the launcher persists
@@ -182,10 +183,18 @@ class Checkpointer:
         self.root = Path(root)
         self.rank, self.world_size = rank, world_size
         self.keep_last, self.verify, self.shared = keep_last, verify, shared
+        self.trainable_only = trainable_only  # frozen weights (an adapter's base) come from the model's source
 
     # -- saving ---------------------------------------------------------------------------------------------
 
-    def save(self, step: int, engine, trainer_state: dict[str, Any], hf_files: dict[str, bytes]) -> Path:
+    def save(
+        self,
+        step: int,
+        engine,
+        trainer_state: dict[str, Any],
+        hf_files: dict[str, bytes],
+        extra: dict[str, Any] | None = None,
+    ) -> Path:
         """Write checkpoint `step` with every rank; returns its directory once it is complete."""
         directory = step_dir(self.root, step)
         if self.rank == 0 or not self.shared:
@@ -193,8 +202,12 @@ class Checkpointer:
                 shutil.rmtree(directory)
             self.root.mkdir(parents=True, exist_ok=True)
         distributed.barrier()
-        engine.save_checkpoint(str(self.root), tag=directory.name, save_latest=False)
+        engine.save_checkpoint(
+            str(self.root), tag=directory.name, save_latest=False, exclude_frozen_parameters=self.trainable_only
+        )
         torch.save(rng_state(), directory / f"rng.rank{self.rank}.pt")
+        if extra is not None:  # tensors and containers of them only: loaded back with weights_only
+            torch.save(extra, directory / f"extra.rank{self.rank}.pt")
         if self.rank == 0:
             _write_json_atomic(directory / STATE, {**trainer_state, "format_version": FORMAT_VERSION})
             for name, data in hf_files.items():
@@ -278,6 +291,13 @@ class Checkpointer:
                 return directory
         return None
 
+    def load_extra(self, directory: Path) -> dict[str, Any]:
+        """This rank's extra state saved beside the engine's (AdaLoRA's rank budget)."""
+        path = directory / f"extra.rank{self.rank}.pt"
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing: the checkpoint was written by a run without this state")
+        return torch.load(path, weights_only=True)
+
     def load(self, engine, directory: Path) -> dict[str, Any]:
         """Restore the engine and this rank's random state from `directory`; returns the trainer state."""
         complete = json.loads((directory / COMPLETE).read_text())
@@ -288,7 +308,11 @@ class Checkpointer:
                 f"{complete['world_size']} (the data position itself is valid for any number of workers)."
             )
         loaded, _ = engine.load_checkpoint(
-            str(directory.parent), tag=directory.name, load_optimizer_states=True, load_lr_scheduler_states=True
+            str(directory.parent),
+            tag=directory.name,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+            load_module_strict=not self.trainable_only,
         )
         if loaded is None:
             raise CheckpointError(f"DeepSpeed could not load {directory}")

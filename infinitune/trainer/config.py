@@ -7,28 +7,53 @@ from typing import Literal
 
 from infinitune.typed_config import require
 
+ADAPTER_METHODS = ("lora", "adalora", "prefix", "ia3")
+MERGEABLE = frozenset({"lora", "adalora", "ia3"})  # folded into the base weights at export
+
 
 @dataclass
-class LoraConfig:
-    """Low-rank adapters through `peft`; exported merged into the base weights."""
+class AdapterConfig:
+    """A `peft` adapter: only its weights train (and are checkpointed), the base model stays frozen. LoRA,
+    AdaLoRA and IA3 are merged into the base weights at export; prefix tuning is exported as a peft adapter
+    directory beside the base model."""
+
+    method: Literal["lora", "adalora", "prefix", "ia3"] = "lora"
+    """lora (low-rank updates), adalora (LoRA whose rank budget is reallocated by importance while training;
+    ZeRO stage 0 only: it reads whole gradients), prefix (trained key/value prefixes in every layer; needs
+    data.packing false), ia3 (learned rescaling of activations)."""
 
     r: int = 16
-    """Rank of the adapter matrices."""
+    """LoRA: rank of the adapter matrices. AdaLoRA: the average rank it prunes down to."""
 
     alpha: float = 32.0
-    """Scaling numerator: the update is scaled by alpha / r."""
+    """LoRA and AdaLoRA: scaling numerator, the update is scaled by alpha / r."""
 
     dropout: float = 0.05
-    """Dropout on the adapter input."""
+    """LoRA and AdaLoRA: dropout on the adapter input."""
 
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-    """Module names to adapt (e.g. [q_proj, v_proj]), or [all-linear]."""
+    """LoRA, AdaLoRA, IA3: module names to adapt (e.g. [q_proj, v_proj]), or [all-linear]."""
+
+    init_r: int = 24
+    """AdaLoRA: the rank every adapted module starts with, before pruning towards r."""
+
+    num_virtual_tokens: int = 16
+    """Prefix tuning: length of the trained prefix."""
+
+    feedforward_modules: list[str] = field(default_factory=list)
+    """IA3: which of target_modules rescale their input rather than their output (the MLP's down projection,
+    typically); empty: every target named like an MLP projection (down_proj, fc2, c_proj, w2)."""
 
     def __post_init__(self):
         require(self.r > 0, "r", f"must be positive; got {self.r}")
         require(self.alpha > 0, "alpha", f"must be positive; got {self.alpha}")
         require(0 <= self.dropout < 1, "dropout", f"must be in [0, 1); got {self.dropout}")
         require(len(self.target_modules) > 0, "target_modules", "name at least one module, or all-linear")
+        require(self.init_r >= self.r, "init_r", f"must be >= r ({self.r}); got {self.init_r}")
+        require(self.num_virtual_tokens > 0, "num_virtual_tokens", "must be positive")
+        if self.method == "ia3" and self.target_modules != ["all-linear"]:
+            extra = [m for m in self.feedforward_modules if m not in self.target_modules]
+            require(not extra, "feedforward_modules", f"{extra} are not in target_modules")
 
 
 @dataclass
@@ -59,8 +84,8 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
 
-    lora: LoraConfig | None = None
-    """Train LoRA adapters instead of all weights (null: full fine-tuning)."""
+    adapter: AdapterConfig | None = None
+    """Train a peft adapter instead of all weights (null: full fine-tuning)."""
 
     trust_remote_code: bool = False
     """Allow model code from the model directory (only for models you trust)."""

@@ -52,13 +52,16 @@ def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
     raise ExportError(f"{run_dir}: no complete checkpoint under {root}")
 
 
-def consolidated_state_dict(directory: Path, zero_stage: int) -> dict[str, torch.Tensor]:
-    """The full fp32 weights from DeepSpeed's shards (every rank's), keyed as in the HF model."""
+def consolidated_state_dict(directory: Path, zero_stage: int, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """The full fp32 weights from DeepSpeed's shards (every rank's), keyed as in the HF (or peft) model; with
+    `trainable_only`, the checkpoint holds (and this returns) only what trained: an adapter's weights."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     has_zero_shards = any(directory.glob("*zero_pp_rank_*_optim_states.pt"))
     if zero_stage >= 1 or has_zero_shards:
-        state = get_fp32_state_dict_from_zero_checkpoint(str(directory.parent), tag=directory.name)
+        state = get_fp32_state_dict_from_zero_checkpoint(
+            str(directory.parent), tag=directory.name, exclude_frozen_parameters=trainable_only
+        )
     else:  # ZeRO stage 0 keeps the whole module in rank 0's model-states file (DeepSpeed's own format)
         saved = torch.load(directory / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
         state = {k: v.float() if v.is_floating_point() else v for k, v in saved["module"].items()}
@@ -68,11 +71,13 @@ def consolidated_state_dict(directory: Path, zero_stage: int) -> dict[str, torch
 
 
 def build_from_checkpoint(directory: Path) -> tuple[torch.nn.Module, Any]:
-    """(HF model with the checkpoint's weights, LoRA merged, in fp32; tokenizer)."""
+    """(HF model with the checkpoint's weights, an adapter merged, in fp32; tokenizer)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     trainer_state = json.loads((directory / STATE).read_text())
     hf = directory / "hf"
+    if (hf / "adapter.json").exists():
+        return _build_adapter_model(directory, trainer_state), AutoTokenizer.from_pretrained(hf)
     config = AutoConfig.from_pretrained(hf)
     state = consolidated_state_dict(directory, trainer_state["zero_stage"])
     from accelerate import init_empty_weights
@@ -81,23 +86,41 @@ def build_from_checkpoint(directory: Path) -> tuple[torch.nn.Module, Any]:
     # frequencies computed for real: the model must also run, for eval.
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    lora_file = hf / "lora.json"
-    if lora_file.exists():
-        from peft import get_peft_model
-
-        from infinitune.trainer.config import LoraConfig, ModelConfig
-        from infinitune.trainer.model import lora_config
-
-        lora = LoraConfig(**json.loads(lora_file.read_text()))
-        model = get_peft_model(model, lora_config(ModelConfig(path=str(hf), lora=lora)))
     _load_checked(model, state, directory)
-    if lora_file.exists():
-        model = model.merge_and_unload()
     model.tie_weights()
     meta = [n for n, p in model.named_parameters() if p.is_meta]
     if meta:
         raise ExportError(f"{directory}: no weights for {meta[:5]}")
     return model, AutoTokenizer.from_pretrained(hf)
+
+
+def _build_adapter_model(directory: Path, trainer_state: dict[str, Any]) -> torch.nn.Module:
+    """The base model from its source, the checkpoint's adapter weights put in, merged into the base."""
+    from peft import get_peft_model
+
+    from infinitune.trainer.config import AdapterConfig, ModelConfig
+    from infinitune.trainer.model import load_causal_lm, peft_config
+
+    spec = json.loads((directory / "hf" / "adapter.json").read_text())
+    base = spec.pop("base")
+    adapter = AdapterConfig(**spec)
+    total_steps = trainer_state["config"]["train"]["max_steps"]
+    model = load_causal_lm(ModelConfig(path=base["path"], gguf_file=base["gguf_file"]), torch.float32)
+    model = get_peft_model(model, peft_config(adapter, total_steps))
+    state = consolidated_state_dict(directory, trainer_state["zero_stage"], trainable_only=True)
+    expected = dict(model.named_parameters())
+    wanted = {n for n, p in expected.items() if p.requires_grad}
+    problems = [f"{n}: not in the model" for n in state if n not in expected]
+    problems += [f"{n}: missing from the checkpoint" for n in sorted(wanted - set(state))]
+    problems += [
+        f"{n}: shape {tuple(t.shape)}, the model needs {tuple(expected[n].shape)}"
+        for n, t in state.items()
+        if n in expected and tuple(t.shape) != tuple(expected[n].shape)
+    ]
+    if problems:
+        raise ExportError(f"{directory}: refusing to export the {adapter.method} adapter: " + "; ".join(problems[:10]))
+    model.load_state_dict(state, strict=False)
+    return model.merge_and_unload()
 
 
 def _load_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], directory: Path) -> None:

@@ -48,7 +48,7 @@ from infinitune.trainer.metrics import (
     device_peak_tflops,
     host_rss_gb,
 )
-from infinitune.trainer.model import build_model, parameter_counts
+from infinitune.trainer.model import AdaLoraBudget, build_model, parameter_counts
 from infinitune.trainer.preemption import EXIT_PREEMPTED, Preemption
 from infinitune.trainer.schedule import make_scheduler
 from infinitune.trainer.scoring import HIGHER_IS_BETTER, score_rows
@@ -110,7 +110,7 @@ def train(spec: TrainerSpec, ctx: RunContext) -> int:
         micro = [next(batches) for _ in range(w.layout.accumulation)]
         data_wait = time.perf_counter() - t0
         lr = engine.get_lr()[0]
-        loss_sum, trained = train_step(w.engine, micro, w.world, w.device)
+        loss_sum, trained = train_step(w.engine, micro, w.world, w.device, w.adalora, state.step + 1)
         state.step += 1
         step_loss = float(loss_sum / max(trained, 1))
         step_time = time.perf_counter() - t0
@@ -176,7 +176,9 @@ def train(spec: TrainerSpec, ctx: RunContext) -> int:
     return EXIT_OK
 
 
-def train_step(engine, micro: list[dict], world: int, device: torch.device) -> tuple[float, int]:
+def train_step(
+    engine, micro: list[dict], world: int, device: torch.device, adalora=None, step: int = 0
+) -> tuple[float, int]:
     """One optimizer step over this rank's micro-batches; returns (summed loss, trained tokens), both over
     the whole global batch.
 
@@ -189,7 +191,12 @@ def train_step(engine, micro: list[dict], world: int, device: torch.device) -> t
     for mb in micro:
         loss, _ = engine(*(mb[k].to(device, non_blocking=True) for k in ("input_ids", "labels", "position_ids")))
         engine.backward(loss * scale, scale_wrt_gas=False)
+        last = mb is micro[-1]
+        if adalora is not None and last:
+            adalora.before_step(step)  # reads the gradients, which the optimizer step clears
         engine.step()
+        if adalora is not None and last:
+            adalora.after_step(step)
         loss_sum += loss.detach().double()
     return float(distributed.all_reduce(loss_sum).item()), trained
 
@@ -236,7 +243,8 @@ def save(w: Workspace, spec: TrainerSpec, state: TrainState, ctx: RunContext) ->
         "zero_stage": spec.deepspeed.zero_stage,
         "config": spec.resolved_config,
     }
-    directory = w.checkpointer.save(state.step, w.engine, trainer_state, w.hf_files)
+    extra = w.adalora.state_dict() if w.adalora is not None else None
+    directory = w.checkpointer.save(state.step, w.engine, trainer_state, w.hf_files, extra)
     blocked = time.perf_counter() - t0
     w.metrics.scalars(state.step, {"perf/checkpoint_s": blocked})
     w.metrics.flush()  # a launcher that copies the logs at each checkpoint copies them whole
@@ -257,6 +265,7 @@ class Workspace:
     train_loader: StatefulLoader
     val_loader: StatefulLoader
     examples: list  # held-out tasks answered at each evaluation
+    adalora: AdaLoraBudget | None  # AdaLoRA's rank budget, updated around each optimizer step
     checkpointer: Checkpointer
     metrics: MetricsWriter
     preemption: Preemption
@@ -285,7 +294,7 @@ def setup(spec: TrainerSpec, ctx: RunContext) -> Workspace:
     layout = BatchLayout(spec.train.global_batch_size, world, spec.train.micro_batch_size)
 
     ds_config = deepspeed_config(spec.deepspeed, spec.train, layout)
-    model = build_model(spec.model, spec.deepspeed, ds_config, spec.train.seed)
+    model = build_model(spec.model, spec.deepspeed, ds_config, spec.train.seed, spec.train.max_steps)
     trainable, frozen = parameter_counts(model)
     optimizer = None
     params = [p for p in model.parameters() if p.requires_grad]
@@ -341,12 +350,19 @@ def setup(spec: TrainerSpec, ctx: RunContext) -> Workspace:
 
     run_dir = Path(spec.run_dir)
     root, shared = ctx.checkpoint_root(run_dir, rank)
-    checkpointer = Checkpointer(root, rank, world, spec.checkpoint.keep_last, shared=shared)
+    # An adapter run's checkpoints hold what trains (adapter weights, their optimizer state), not the base model.
+    adapter = spec.model.adapter
+    checkpointer = Checkpointer(
+        root, rank, world, spec.checkpoint.keep_last, shared=shared, trainable_only=adapter is not None
+    )
+    budget = AdaLoraBudget(engine.module.lm) if adapter is not None and adapter.method == "adalora" else None
     state = TrainState()
     restore = ctx.restore_from() or resume_target(spec.checkpoint.resume, checkpointer)
     if restore is not None:
         saved = checkpointer.load(engine, Path(restore))
         state.load_state_dict(saved)
+        if budget is not None:
+            budget.load_state_dict(checkpointer.load_extra(Path(restore)))
         train_loader.load_state_dict(saved["data"])
         if rank == 0:  # newer checkpoints (a branch being abandoned, or damaged ones) must not be resumed later
             checkpointer.set_aside_after(state.step)
@@ -385,6 +401,7 @@ def setup(spec: TrainerSpec, ctx: RunContext) -> Workspace:
         peak_tflops=peak,
         zero3=spec.deepspeed.zero_stage == 3,
         hf_files=hf_files(lm, tokenizer, spec.model),
+        adalora=budget,
         state=state,
     )
 
@@ -427,8 +444,10 @@ def hf_files(lm, tokenizer, model_cfg: ModelConfig) -> dict[str, bytes]:
         tokenizer.save_pretrained(tmp)
         for p in Path(tmp).iterdir():
             files[p.name] = p.read_bytes()
-    if model_cfg.lora is not None:
-        files["lora.json"] = json.dumps(asdict(model_cfg.lora)).encode()
+    if model_cfg.adapter is not None:  # export rebuilds the adapter from this and the base model's source
+        files["adapter.json"] = json.dumps(
+            {**asdict(model_cfg.adapter), "base": {"path": model_cfg.path, "gguf_file": model_cfg.gguf_file}}
+        ).encode()
     files["export.json"] = json.dumps({"dtype": model_cfg.dtype}).encode()
     return files
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from infinitune.data_pipeline.template import IGNORE
 from infinitune.data_pipeline.tokenizer import resolve_model_source
-from infinitune.trainer.config import DeepSpeedConfig, ModelConfig
+from infinitune.trainer.config import AdapterConfig, DeepSpeedConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +83,8 @@ def load_causal_lm(cfg: ModelConfig, dtype: torch.dtype, ds_config: dict | None 
     return model
 
 
-def build_model(cfg: ModelConfig, ds: DeepSpeedConfig, ds_config: dict, seed: int) -> TokenLossModel:
-    """The model to train: loaded, gradient checkpointing and LoRA applied, wrapped for the token loss."""
+def build_model(cfg: ModelConfig, ds: DeepSpeedConfig, ds_config: dict, seed: int, total_steps: int) -> TokenLossModel:
+    """The model to train: loaded, gradient checkpointing and the adapter applied, wrapped for the token loss."""
     model = load_causal_lm(cfg, PRECISION_DTYPES[ds.precision], ds_config)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -94,35 +94,128 @@ def build_model(cfg: ModelConfig, ds: DeepSpeedConfig, ds_config: dict, seed: in
             raise ValueError(f"model.compile_layers: {type(model).__name__} has no decoder `layers` to compile")
         for layer in layers:
             layer.compile()
-    if cfg.lora is not None:
-        model = apply_lora(model, cfg, seed)
+    if cfg.adapter is not None:
+        model = apply_adapter(model, cfg.adapter, seed, total_steps)
     return TokenLossModel(model)
 
 
-def lora_config(cfg: ModelConfig):
-    from peft import LoraConfig
-
-    assert cfg.lora is not None
-    targets = cfg.lora.target_modules
-    return LoraConfig(
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
-        task_type="CAUSAL_LM",
-    )
+# IA3 rescales the input of these (an MLP's output projection) rather than their output.
+IA3_FEEDFORWARD = ["down_proj", "fc2", "w2"]
 
 
-def apply_lora(model: nn.Module, cfg: ModelConfig, seed: int) -> nn.Module:
+def peft_config(adapter: AdapterConfig, total_steps: int):
+    """The peft config of an adapter section (total_steps: AdaLoRA's rank-budget schedule)."""
+    import peft
+
+    targets: Any = "all-linear" if adapter.target_modules == ["all-linear"] else list(adapter.target_modules)
+    common = {"task_type": "CAUSAL_LM"}
+    if adapter.method == "lora":
+        return peft.LoraConfig(
+            r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout, target_modules=targets, **common
+        )
+    if adapter.method == "adalora":
+        # Ranks are pruned from init_r towards r between the first tenth and the last fifth of training.
+        return peft.AdaLoraConfig(
+            init_r=adapter.init_r,
+            target_r=adapter.r,
+            lora_alpha=adapter.alpha,
+            lora_dropout=adapter.dropout,
+            target_modules=targets,
+            total_step=total_steps,
+            tinit=total_steps // 10,
+            tfinal=total_steps // 5,
+            deltaT=1,
+            **common,
+        )
+    if adapter.method == "ia3":
+        feedforward = adapter.feedforward_modules or [
+            m for m in IA3_FEEDFORWARD if targets == "all-linear" or m in targets
+        ]
+        return peft.IA3Config(target_modules=targets, feedforward_modules=feedforward, **common)
+    raise ValueError(f"model.adapter.method: {adapter.method!r} is not one of lora, adalora, ia3")
+
+
+def apply_adapter(model: nn.Module, adapter: AdapterConfig, seed: int, total_steps: int) -> nn.Module:
     from peft import get_peft_model
 
     # Every rank draws the same adapter initialisation.
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = get_peft_model(model, lora_config(cfg))
+        model = get_peft_model(model, peft_config(adapter, total_steps))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("LoRA: %d trainable parameters", trainable)
+    log.info("%s adapter: %d trainable parameters", adapter.method, trainable)
     return model
+
+
+class AdaLoraBudget:
+    """AdaLoRA's rank budget under DeepSpeed (ZeRO stage 0): importance from the gradients before the
+    optimizer step (which clears them), the pruning mask applied after it (which would otherwise undo it).
+    Its importance averages and rank pattern are checkpointed with the engine (`state_dict`)."""
+
+    def __init__(self, lm: nn.Module):
+        self.lm = lm
+        self.model = lm.base_model  # peft's AdaLoraModel
+        self.allocator = self.model.rankallocator
+        self.config = self.model.peft_config[self.model.trainable_adapter_name]
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def before_step(self, step: int) -> None:
+        """Keep the step's adapter gradients: the optimizer step clears them, and peft's importance is
+        |weight after the step x gradient of the step|."""
+        self.grads = {
+            n: p.grad.detach().clone()
+            for n, p in self.model.model.named_parameters()
+            if "lora_" in n and p.grad is not None
+        }
+
+    def after_step(self, step: int) -> None:
+        """peft's AdaLoraModel.update_and_allocate, in its order (after the optimizer step)."""
+        last = self.config.total_step - self.config.tfinal
+        model = self.model.model
+        if step < last:
+            params = dict(model.named_parameters())
+            for n, g in self.grads.items():
+                params[n].grad = g
+            self.allocator.update_ipt(model)
+            for n in self.grads:
+                params[n].grad = None
+            budget, mask_now = self.allocator.budget_schedule(step)
+            if mask_now:
+                self.config.rank_pattern = self.allocator.mask_to_budget(model, budget)
+        elif step == last:  # the final allocation
+            budget, _ = self.allocator.budget_schedule(step)
+            self.config.rank_pattern = self.allocator.mask_to_budget(model, budget)
+            self.allocator.reset_ipt()
+        elif self.config.rank_pattern:
+            self.allocator.mask_using_rank_pattern(model, self.config.rank_pattern)
+        self.grads = {}
+        self._sync_master_weights()
+
+    def _sync_master_weights(self) -> None:
+        """Where the optimizer keeps fp32 master copies (bf16/fp16 training), mask those too, or its next step
+        would restore the pruned values."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+        for name, p in self.model.model.named_parameters():
+            if "lora_E" in name:
+                master = safe_get_full_fp32_param(p)
+                if master is not None:
+                    safe_set_full_fp32_param(p, p.detach().float())
+
+    def state_dict(self) -> dict[str, Any]:
+        a = self.allocator
+        return {
+            "ipt": dict(a.ipt),
+            "exp_avg_ipt": dict(a.exp_avg_ipt),
+            "exp_avg_unc": dict(a.exp_avg_unc),
+            "rank_pattern": {k: torch.tensor(v) for k, v in (self.config.rank_pattern or {}).items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        a = self.allocator
+        a.ipt, a.exp_avg_ipt, a.exp_avg_unc = dict(state["ipt"]), dict(state["exp_avg_ipt"]), dict(state["exp_avg_unc"])
+        pattern = {k: [bool(x) for x in v.tolist()] for k, v in state["rank_pattern"].items()}
+        self.config.rank_pattern = pattern or None
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:

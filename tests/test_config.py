@@ -94,6 +94,17 @@ def test_overrides_set_typed_values(tmp_path):
         (["name=a/b"], "name", "plain directory name"),
         (["model.path="], "model.path", "must name"),
         (["data.sources.3.path=x"], "data.sources.3", "no list item 3"),
+        (["model.adapter={method: adalora}", "deepspeed.zero_stage=3"], "model.adapter.method", "zero_stage=0"),
+        (["model.adapter={method: prefix}"], "model.adapter.method", "not supported yet"),
+        (["model.adapter={method: dora}"], "model.adapter.method", "must be one of"),
+        (["model.adapter={method: adalora, r: 8, init_r: 4}"], "model.adapter.init_r", ">= r"),
+        (["train.eval_metrics=[exact_match, rouge]"], "train.eval_metrics", "unknown ['rouge']"),
+        (
+            ["train.early_stopping_patience=2", "train.early_stopping_metric=bleu", "train.eval_metrics=[rouge_l]"],
+            "train.early_stopping_metric",
+            "in eval_metrics",
+        ),
+        (["cluster.storage_path=s3://KEY:SECRET@bucket/runs"], "cluster.storage_path", "must not hold credentials"),
     ],
 )
 def test_bad_values_are_refused_with_their_key_path(tmp_path, overrides, key, words):

@@ -1,6 +1,6 @@
-"""Adapters through peft (LoRA, AdaLoRA, IA3) on real DeepSpeed workers: each trains, checkpoints only what
-trains, resumes after a crash with the same losses, and exports merged into a model transformers loads; and
-`infinitune compare` on two adapter runs."""
+"""Adapters through peft (LoRA, AdaLoRA, IA3, prefix tuning) on real DeepSpeed workers: each trains, checkpoints
+only what trains, resumes after a crash with the same losses, and exports (merged into a model transformers
+loads; prefix tuning as a peft adapter directory); and `infinitune compare` on two adapter runs."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ METHODS = {
         "lora_",
     ),
     "ia3": ({"method": "ia3", "target_modules": ["k_proj", "v_proj", "down_proj"]}, 3, "ia3_"),
+    "prefix": ({"method": "prefix", "num_virtual_tokens": 4}, 3, "prompt_encoder"),
 }
 
 
@@ -95,6 +96,20 @@ def test_an_adapter_trains_checkpoints_only_itself_resumes_and_exports_merged(
     for step in got:
         assert abs(got[step] - want[step]) <= 1e-6, (method, step, got[step], want[step])
 
+    if method == "prefix":  # not mergeable: a peft adapter directory pointing at its base
+        from peft import PeftModel
+
+        from infinitune.trainer.export import generate
+
+        out = export(run_dir_of(reference), tmp_path / "adapter", dtype="float32")
+        assert (out / "adapter_config.json").is_file() and not (out / "config.json").exists()
+        assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == setup["model"]
+        reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(setup["model"]), out)
+        trained = {n: p for n, p in reloaded.named_parameters() if "prompt_encoder" in n}
+        assert len(trained) == 1 and len(weights) == 1
+        assert torch.allclose(next(iter(trained.values())), next(iter(weights.values())))
+        assert isinstance(generate(out, "Reverse the letters of the word.\n\nabc", max_new_tokens=4), str)
+        return
     out = export(run_dir_of(reference), tmp_path / "merged", dtype="float32")
     model = AutoModelForCausalLM.from_pretrained(out)
     assert not [n for n, _ in model.named_parameters() if "lora" in n or "ia3" in n]

@@ -95,7 +95,11 @@ def test_overrides_set_typed_values(tmp_path):
         (["model.path="], "model.path", "must name"),
         (["data.sources.3.path=x"], "data.sources.3", "no list item 3"),
         (["model.adapter={method: adalora}", "deepspeed.zero_stage=3"], "model.adapter.method", "zero_stage=0"),
-        (["model.adapter={method: prefix}"], "model.adapter.method", "not supported yet"),
+        (
+            ["model.adapter={method: prefix}", "model.attn_implementation=flex_attention"],
+            "model.attn_implementation",
+            "use sdpa or eager",
+        ),
         (["model.adapter={method: dora}"], "model.adapter.method", "must be one of"),
         (["model.adapter={method: adalora, r: 8, init_r: 4}"], "model.adapter.init_r", ">= r"),
         (["train.eval_metrics=[exact_match, rouge]"], "train.eval_metrics", "unknown ['rouge']"),

@@ -83,11 +83,15 @@ class JobConfig:
                 "its adapters by their whole gradients, which ZeRO 1-3 partition across ranks; use "
                 "deepspeed.zero_stage=0 (the adapters are small), or method lora",
             )
-        if adapter is not None and adapter.method == "prefix":
+        if (
+            adapter is not None
+            and adapter.method == "prefix"
+            and self.model.attn_implementation not in ("sdpa", "eager")
+        ):
             raise ConfigError(
-                "model.adapter.method",
-                "prefix tuning is not supported yet: peft's prefix reaches neither transformers 5's packed-sequence "
-                "masks nor its generate(); use method lora, adalora or ia3",
+                "model.attn_implementation",
+                f"prefix tuning keeps packed documents apart with an explicit mask, which "
+                f"{self.model.attn_implementation} does not take; use sdpa or eager",
             )
 
     def to_dict(self) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from infinitune.data_pipeline.shards import Manifest, iter_shard, join_url
 from infinitune.data_pipeline.stream import StatefulLoader
 from infinitune.data_pipeline.template import IGNORE
 from infinitune.trainer import distributed
+from infinitune.trainer.model import cache_argument, prefix_length
 from infinitune.trainer.scoring import GENERATION_METRICS
 
 log = logging.getLogger(__name__)
@@ -185,6 +186,12 @@ def generate(
             if sampling is not None:
                 torch.manual_seed(sampling.seed + first_index + lo)
                 options = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
+            if prefix_length(lm):
+                new = _generate_with_prefix(lm, ids, mask, max_new_tokens, eos, pad, sampling, synced)
+                answers += [tokenizer.decode(seq, skip_special_tokens=True).strip() for seq in new]
+                if progress is not None:
+                    progress.update(len(batch))
+                continue
             out = lm.generate(
                 input_ids=ids,
                 attention_mask=mask,
@@ -201,6 +208,57 @@ def generate(
                 progress.update(len(batch))
     lm.train(was_training)
     return answers
+
+
+def _next_token(logits: torch.Tensor, sampling: Sampling | None) -> torch.Tensor:
+    if sampling is None:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / sampling.temperature, -1)
+    if sampling.top_p < 1.0:
+        ordered, order = probs.sort(-1, descending=True)
+        outside = ordered.cumsum(-1) - ordered > sampling.top_p  # keep the smallest set reaching top_p
+        probs = probs.scatter(-1, order, ordered.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, 1)[:, 0]
+
+
+def _generate_with_prefix(lm, ids, mask, max_new_tokens, eos, pad, sampling, synced) -> torch.Tensor:
+    """Decoding for a prefix-tuned model, which peft's generate() no longer feeds its prefix under transformers
+    5: the trained prefix is the KV cache the prompt starts from; positions follow it (as in training)."""
+    base = lm.get_base_model()
+    n_prefix = prefix_length(lm)
+    batch = ids.shape[0]
+    attention = torch.cat([torch.ones(batch, n_prefix, dtype=mask.dtype, device=mask.device), mask], 1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0) + n_prefix
+    cache_arg = cache_argument(base)
+    out = base(
+        input_ids=ids,
+        attention_mask=attention,
+        position_ids=positions,
+        use_cache=True,
+        **{cache_arg: lm.get_prompt(batch)},
+    )
+    done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
+    tokens = []
+    for _ in range(max_new_tokens):
+        nxt = _next_token(out.logits[:, -1], sampling)
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        tokens.append(nxt)
+        done |= torch.isin(nxt, torch.tensor(eos, device=nxt.device))
+        finished = bool(done.all())
+        if synced:  # every rank takes part in every forward pass, until all are done
+            finished = bool(distributed.all_reduce(0 if finished else 1, op="max").item() == 0)
+        if finished:
+            break
+        attention = torch.cat([attention, torch.ones_like(nxt)[:, None]], 1)
+        positions = positions[:, -1:] + 1
+        out = base(
+            input_ids=nxt[:, None],
+            attention_mask=attention,
+            position_ids=positions,
+            use_cache=True,
+            **{cache_arg: getattr(out, cache_arg)},
+        )
+    return torch.stack(tokens, 1)
 
 
 def answer_losses(lm, examples: list[Example], batch_size: int = 8, progress=None) -> list[tuple[float, int]]:
@@ -295,6 +353,8 @@ def is_run_dir(target: str) -> bool:
 def load_for_eval(target: str, step: int | None = None):
     """(model, tokenizer) from an HF directory, a hub id / .gguf, or a run directory (its newest complete
     checkpoint, or `step`, consolidated in memory: the same weights `export` writes)."""
+    from pathlib import Path
+
     from infinitune.data_pipeline.tokenizer import load_tokenizer
     from infinitune.trainer.config import ModelConfig
     from infinitune.trainer.model import load_causal_lm
@@ -303,6 +363,15 @@ def load_for_eval(target: str, step: int | None = None):
         from infinitune.trainer.export import build_from_checkpoint, find_checkpoint
 
         return build_from_checkpoint(find_checkpoint(target, step))
+    adapter_config = Path(target) / "adapter_config.json"
+    if adapter_config.is_file():  # a peft adapter export: its base model, then the adapter
+        import json
+
+        from peft import PeftModel
+
+        base = json.loads(adapter_config.read_text())["base_model_name_or_path"]
+        model = PeftModel.from_pretrained(load_causal_lm(ModelConfig(path=base), torch.float32), target)
+        return model, load_tokenizer(target)
     return load_causal_lm(ModelConfig(path=target), torch.float32), load_tokenizer(target)
 
 

@@ -98,7 +98,7 @@ def _build_adapter_model(directory: Path, trainer_state: dict[str, Any]) -> torc
     """The base model from its source, the checkpoint's adapter weights put in, merged into the base."""
     from peft import get_peft_model
 
-    from infinitune.trainer.config import AdapterConfig, ModelConfig
+    from infinitune.trainer.config import MERGEABLE, AdapterConfig, ModelConfig
     from infinitune.trainer.model import load_causal_lm, peft_config
 
     spec = json.loads((directory / "hf" / "adapter.json").read_text())
@@ -120,7 +120,11 @@ def _build_adapter_model(directory: Path, trainer_state: dict[str, Any]) -> torc
     if problems:
         raise ExportError(f"{directory}: refusing to export the {adapter.method} adapter: " + "; ".join(problems[:10]))
     model.load_state_dict(state, strict=False)
-    return model.merge_and_unload()
+    if adapter.method in MERGEABLE:
+        return model.merge_and_unload()
+    model.peft_config["default"].base_model_name_or_path = base["path"]  # the pointer an adapter export keeps
+    model.peft_config["default"].inference_mode = True
+    return model
 
 
 def _load_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], directory: Path) -> None:
@@ -167,7 +171,8 @@ def export(
     if dtype not in EXPORT_DTYPES:
         raise ExportError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}; got {dtype}")
     model = model.to(EXPORT_DTYPES[dtype])
-    model.config.use_cache = True  # serving wants the KV cache; training had it off for packing
+    adapter_only = hasattr(model, "peft_config")  # not mergeable (prefix): a peft adapter directory
+    getattr(model, "get_base_model", lambda: model)().config.use_cache = True  # training had it off for packing
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / "config.json").exists():
         raise ExportError(f"--out {out} exists, is not empty and is not a model directory; choose another")
@@ -177,11 +182,19 @@ def export(
     tmp.mkdir(parents=True)
     try:
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        if adapter_only:
+            base = model.peft_config["default"].base_model_name_or_path
+            (tmp / "BASE_MODEL.txt").write_text(
+                f"{base}\n\nA peft adapter (prefix tuning is not mergeable). Load it with\n"
+                f"  peft.AutoPeftModelForCausalLM.from_pretrained('{out}')\nor `infinitune eval`/`generate` on "
+                "this directory.\n"
+            )
         tokenizer.save_pretrained(tmp)
         _generation_config(directory / "hf", tokenizer).save_pretrained(tmp)
         for f in tmp.iterdir():  # safetensors writes 0600; a serving process often runs as another user
             f.chmod(0o644)
-        _check_written(tmp, model)
+        if not adapter_only:
+            _check_written(tmp, model)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -234,13 +247,13 @@ def _check_written(out: Path, model: torch.nn.Module) -> None:
 
 
 def generate(model_dir: str | Path, prompt: str, max_new_tokens: int = 128, system: str | None = None) -> str:
-    """One greedy answer from an exported (or any HF) model directory, through its chat template."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """One greedy answer from an exported (or any HF, or peft adapter) model directory, through its chat
+    template."""
+    from infinitune.trainer.evaluate import generate as generate_answers
+    from infinitune.trainer.evaluate import load_for_eval
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    model, tokenizer = load_for_eval(str(model_dir))
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return generate_answers(model, tokenizer, [ids], max_new_tokens)[0]

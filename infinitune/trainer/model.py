@@ -12,7 +12,7 @@ from torch import nn
 
 from infinitune.data_pipeline.template import IGNORE
 from infinitune.data_pipeline.tokenizer import resolve_model_source
-from infinitune.trainer.config import AdapterConfig, DeepSpeedConfig, ModelConfig
+from infinitune.trainer.config import ADAPTER_METHODS, AdapterConfig, DeepSpeedConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +42,17 @@ class TokenLossModel(nn.Module):
         self.lm = lm
         config = getattr(lm, "config", None)
         self.plain_head = getattr(config, "model_type", None) in PLAIN_HEAD_TYPES
+        self.prefix = prefix_length(lm)
 
     def forward(
         self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         targets = labels[:, 1:]
         keep = targets != IGNORE
-        if self.plain_head:
+        if self.prefix:
+            hidden = prefix_decoder_forward(self.lm, input_ids, position_ids)
+            logits = self.lm.get_output_embeddings()(hidden[:, :-1][keep])
+        elif self.plain_head:
             hidden = self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False)
             logits = self.lm.get_output_embeddings()(hidden.last_hidden_state[:, :-1][keep])
         else:
@@ -56,6 +60,46 @@ class TokenLossModel(nn.Module):
             logits = out.logits[:, :-1][keep]
         loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
         return loss, keep.sum()
+
+
+def prefix_length(lm: nn.Module) -> int:
+    """The number of virtual tokens of a prefix-tuning peft model, else 0."""
+    config = getattr(lm, "active_peft_config", None)
+    return int(config.num_virtual_tokens) if config is not None and config.is_prompt_learning else 0
+
+
+def cache_argument(module: nn.Module) -> str:
+    """What this transformers calls the KV cache argument (`cache` since 5.x, `past_key_values` before)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def prefix_decoder_forward(lm: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """Last hidden states of a prefix-tuned model on packed sequences: every document sees the trained prefix
+    and itself, never the documents packed beside it.
+
+    peft's own forward hands the prefix to the model as a KV cache, and with a cache transformers does not
+    derive the block-diagonal mask from restarting position ids: packed documents would attend to each other
+    without any error. So the mask is built here (prefix columns open, then causal within each document), and
+    positions follow the prefix as in generation."""
+    n_prefix = prefix_length(lm)
+    batch, length = input_ids.shape
+    doc = (position_ids == 0).cumsum(-1)
+    causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
+    same_doc = (doc[:, :, None] == doc[:, None, :]) & causal
+    prefix_cols = torch.ones(batch, length, n_prefix, dtype=torch.bool, device=input_ids.device)
+    mask = torch.cat([prefix_cols, same_doc], -1)[:, None]
+    decoder = lm.get_decoder()
+    cache = lm.get_prompt(batch, max_cache_len=length + n_prefix)
+    out = decoder(
+        input_ids=input_ids,
+        position_ids=position_ids + n_prefix,
+        attention_mask=mask,
+        use_cache=False,
+        **{cache_argument(decoder): cache},
+    )
+    return out.last_hidden_state
 
 
 def load_causal_lm(cfg: ModelConfig, dtype: torch.dtype, ds_config: dict | None = None) -> nn.Module:
@@ -132,7 +176,9 @@ def peft_config(adapter: AdapterConfig, total_steps: int):
             m for m in IA3_FEEDFORWARD if targets == "all-linear" or m in targets
         ]
         return peft.IA3Config(target_modules=targets, feedforward_modules=feedforward, **common)
-    raise ValueError(f"model.adapter.method: {adapter.method!r} is not one of lora, adalora, ia3")
+    if adapter.method == "prefix":
+        return peft.PrefixTuningConfig(num_virtual_tokens=adapter.num_virtual_tokens, **common)
+    raise ValueError(f"model.adapter.method: {adapter.method!r} is not one of {', '.join(ADAPTER_METHODS)}")
 
 
 def apply_adapter(model: nn.Module, adapter: AdapterConfig, seed: int, total_steps: int) -> nn.Module:

@@ -10,6 +10,7 @@ RecordError naming the reason:
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +53,9 @@ _NEXT: dict[str | None, set[str]] = {
 FORMATS = ("alpaca", "sharegpt", "messages")
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 @dataclass
 class Conversation:
     messages: list[dict[str, str]]
@@ -91,6 +95,12 @@ def normalise(record: Any, fmt: str, roles: Mapping[str, str] | None = None) -> 
     else:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
     check_structure(conv.messages)
+    for i, m in enumerate(conv.messages):
+        bad = _SURROGATE.search(m["content"])
+        if bad:  # valid JSON ("\\udcff") but no text: the tokenizer cannot encode it
+            raise RecordError(
+                "bad_utf8", f"turn {i + 1} holds a lone surrogate \\u{ord(bad.group()):04x} (a broken \\u escape)"
+            )
     return conv
 
 

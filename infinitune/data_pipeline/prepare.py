@@ -18,6 +18,7 @@ import logging
 import math
 import multiprocessing as mp
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -39,6 +40,7 @@ from infinitune.typed_config import ConfigError
 from infinitune.version import __version__
 
 log = logging.getLogger(__name__)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 SKIPPED_REPORT = "skipped.jsonl"
 
 
@@ -337,7 +339,10 @@ def _finish(cfg: DataConfig, tokenizer: Any, chat_template: str, results: list[C
     if skipped:
         with open(tmp / SKIPPED_REPORT, "w", encoding="utf-8") as f:
             for row in skipped:
-                f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+                text = json.dumps(row, ensure_ascii=False, default=str)
+                if _SURROGATE.search(text):  # a lone surrogate (a JSON "\\udcff" escape) is no UTF-8: escape it
+                    text = json.dumps(row, ensure_ascii=True, default=str)
+                f.write(text + "\n")
     (tmp / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")  # last: its presence means complete
     return manifest
 

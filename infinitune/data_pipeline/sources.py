@@ -68,7 +68,7 @@ def iter_records(src: SourceConfig, key: str) -> Iterator[tuple[str, Any]]:
 def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
     with open(path, "rb") as f:
         head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-    if head.startswith(b"["):
+    if head.startswith(b"[") and path.suffix != ".jsonl":  # a .jsonl is one record per line, whatever it holds
         yield from _iter_json_array(path)
     else:
         yield from _iter_jsonl(path)

@@ -78,12 +78,25 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _run(cfg, run_dir: Path, local: bool) -> int:
-    """Run the job's workers on Ray (default) or as local processes; returns the exit code."""
+    """Run the job's workers on Ray (default) or as local processes; returns the exit code. One driver per
+    run directory: a second one is refused before it writes anything there."""
+    from infinitune.launcher.lock import RunLock
+
+    read_manifest_first(cfg)
+    with RunLock(run_dir):
+        return _run_locked(cfg, run_dir, local)
+
+
+def read_manifest_first(cfg) -> None:
     from infinitune.data_pipeline.shards import read_manifest
+
+    read_manifest(cfg.data.shards_dir)  # shards must exist before any worker (or Ray) starts
+
+
+def _run_locked(cfg, run_dir: Path, local: bool) -> int:
     from infinitune.launcher.job_config import run_location, save_job_config
     from infinitune.trainer.preemption import EXIT_PREEMPTED
 
-    read_manifest(cfg.data.shards_dir)  # shards must exist before any worker (or Ray) starts
     storage = run_location(cfg)[1]
     if storage is not None and local:
         raise ConfigError("cluster.storage_path", f"{storage} is a URI, which only Ray writes to; drop --local")
@@ -395,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from infinitune.data_pipeline.tokenizer import ModelSourceError
 
     known: tuple[type[Exception], ...] = (ConfigError, DataError, ModelSourceError, ConnectionError)
-    if args.command in ("export", "generate"):
+    if args.command in ("export", "generate", "eval", "compare"):
         from infinitune.trainer.export import ExportError
 
         known = (*known, ExportError, OSError)

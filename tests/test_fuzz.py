@@ -13,13 +13,8 @@ from hypothesis import strategies as st
 from infinitune.launcher.job_config import JobConfig, load_job_config
 from infinitune.typed_config import ConfigError, describe
 
-BASE = """
-name: t
-model: {path: some/model}
-data: {sources: [{path: data.jsonl}], seq_len: 256}
-train: {global_batch_size: 8, micro_batch_size: 2}
-cluster: {num_workers: 2}
-"""
+from .test_config import BASE
+
 KEYS = [row[0].replace("[]", ".0") for row in describe(JobConfig)]
 
 scalars = st.one_of(

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import queue
+import signal
 import tempfile
 import threading
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 
 from infinitune.cluster.config import ClusterConfig
 from infinitune.trainer.context import RunContext
+from infinitune.trainer.preemption import EXIT_PREEMPTED
 
 log = logging.getLogger(__name__)
 EXIT_FAILED = 1
@@ -99,10 +101,11 @@ def _worker_callbacks() -> list:
 class RayContext(RunContext):
     """The trainer's view of Ray: where to write checkpoints, how to persist and restore them, progress."""
 
-    def __init__(self, progress=None, run_dir: Path | None = None, storage: str | None = None):
+    def __init__(self, progress=None, run_dir: Path | None = None, storage: str | None = None, stop=None):
         self.progress = progress
         self.run_dir = run_dir
         self.storage = storage  # a URI: rank 0 copies TensorBoard logs and metrics there at every checkpoint
+        self.stop = stop  # the driver's StopFlag actor: set when the driver is told to stop (SIGTERM, Ctrl-C)
 
     def checkpoint_root(self, run_dir: Path, rank: int) -> tuple[Path, bool]:
         import ray.train
@@ -151,7 +154,20 @@ class RayContext(RunContext):
         import ray.train
 
         getter = getattr(ray.train, "get_preemption_info", None)
-        return bool(getter and getter() is not None)
+        if getter and getter() is not None:
+            return True
+        # Rank 0 asks the driver (one small actor call per step); the loop's all-reduce tells the others.
+        return ray.train.get_context().get_world_rank() == 0 and self.stopped_by_driver()
+
+    def stopped_by_driver(self) -> bool:
+        import ray
+
+        if self.stop is None:
+            return False
+        try:
+            return ray.get(self.stop.get.remote(), timeout=10) is not None
+        except Exception:  # the driver gone: Ray ends the workers anyway
+            return False
 
 
 def _train_fn(config: dict[str, Any]) -> None:
@@ -159,14 +175,15 @@ def _train_fn(config: dict[str, Any]) -> None:
     import ray.train
 
     from infinitune.trainer.loop import train
-    from infinitune.trainer.preemption import EXIT_PREEMPTED
     from infinitune.trainer.run import configure_logging, spec_from_dict
 
     rank = ray.train.get_context().get_world_rank()
     configure_logging(rank, Path(config["run_dir"]) / "logs" / f"rank{rank}.log")
-    context = RayContext(config.get("progress"), Path(config["run_dir"]), config.get("storage"))
+    context = RayContext(config.get("progress"), Path(config["run_dir"]), config.get("storage"), config.get("stop"))
     code = train(spec_from_dict(config["job"], config["run_dir"]), context)
     context.upload_logs()  # what came after the last checkpoint (final evaluation, hparams)
+    if code == EXIT_PREEMPTED and context.stopped_by_driver():
+        return  # the user stopped the job: end here (the driver says how to resume), no restart
     if code == EXIT_PREEMPTED:
         # A failure for Ray, so that it restarts the workers, which continue from the checkpoint just saved.
         raise RuntimeError("preempted: a complete checkpoint was saved; restarting from it")
@@ -189,12 +206,19 @@ def run_job(
 
     started = connect(cluster)
     progress = Queue(maxsize=1000, actor_options={"num_cpus": 0})
+    stop = ray.remote(num_cpus=0)(StopFlag).remote()
     resources = {"CPU": cluster.cpus_per_worker}
     if cluster.use_gpu:
         resources["GPU"] = 1
     trainer = TorchTrainer(
         _train_fn,
-        train_loop_config={"job": job, "run_dir": str(run_dir), "storage": storage, "progress": progress},
+        train_loop_config={
+            "job": job,
+            "run_dir": str(run_dir),
+            "storage": storage,
+            "progress": progress,
+            "stop": stop,
+        },
         scaling_config=ScalingConfig(
             num_workers=cluster.num_workers,
             use_gpu=cluster.use_gpu,
@@ -210,19 +234,57 @@ def run_job(
             callbacks=_worker_callbacks(),
         ),
     )
-    stop = threading.Event()
-    bar = threading.Thread(target=_show_progress, args=(progress, total_steps, stop), daemon=True)
+    done = threading.Event()
+    bar = threading.Thread(target=_show_progress, args=(progress, total_steps, done), daemon=True)
     bar.start()
+    previous = _stop_on_signals(stop)
     try:
         trainer.fit()
+        stopped = ray.get(stop.get.remote()) is not None
     except Exception as e:  # Ray wraps the worker's error; the user needs what, where and how to go on
         raise JobFailed(_failure_message(e, run_dir, cluster)) from None
     finally:
-        stop.set()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        done.set()
         bar.join(timeout=5)
         if started:
             ray.shutdown()
-    return 0
+    return EXIT_PREEMPTED if stopped else 0
+
+
+class StopFlag:
+    """A Ray actor the driver sets when it is told to stop; the workers' rank 0 reads it at each step."""
+
+    def __init__(self):
+        self.reason: str | None = None
+
+    def set(self, reason: str) -> None:
+        self.reason = self.reason or reason
+
+    def get(self) -> str | None:
+        return self.reason
+
+
+def _stop_on_signals(stop) -> dict:
+    """SIGTERM or Ctrl-C to the driver (a scheduler, `ray job stop`, the user): the workers save at the next
+    step boundary and end; a second one aborts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {}
+    asked: list[str] = []
+
+    def handle(signum, frame=None):
+        name = signal.Signals(signum).name
+        if asked:
+            raise KeyboardInterrupt
+        asked.append(name)
+        print(f"\n{name}: the workers save at the next step boundary and stop (again to abort)", flush=True)
+        stop.set.remote(name)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous[sig] = signal.signal(sig, handle)
+    return previous
 
 
 def _failure_message(error: Exception, run_dir: Path, cluster: ClusterConfig) -> str:

@@ -12,6 +12,7 @@ one is reported and the previous one used. Our own files are read with `torch.lo
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -205,16 +206,21 @@ class Checkpointer:
         engine.save_checkpoint(
             str(self.root), tag=directory.name, save_latest=False, exclude_frozen_parameters=self.trainable_only
         )
-        torch.save(rng_state(), directory / f"rng.rank{self.rank}.pt")
-        if extra is not None:  # tensors and containers of them only: loaded back with weights_only
-            torch.save(extra, directory / f"extra.rank{self.rank}.pt")
-        if self.rank == 0:
-            _write_json_atomic(directory / STATE, {**trainer_state, "format_version": FORMAT_VERSION})
-            for name, data in hf_files.items():
-                (directory / "hf" / name).parent.mkdir(parents=True, exist_ok=True)
-                (directory / "hf" / name).write_bytes(data)
-        faults.maybe_fail("during_save", step, self.rank)
-        distributed.barrier()
+        failure: OSError | None = None
+        try:
+            torch.save(rng_state(), directory / f"rng.rank{self.rank}.pt")
+            if extra is not None:  # tensors and containers of them only: loaded back with weights_only
+                torch.save(extra, directory / f"extra.rank{self.rank}.pt")
+            if self.rank == 0:
+                _write_json_atomic(directory / STATE, {**trainer_state, "format_version": FORMAT_VERSION})
+                for name, data in hf_files.items():
+                    (directory / "hf" / name).parent.mkdir(parents=True, exist_ok=True)
+                    (directory / "hf" / name).write_bytes(data)
+            faults.maybe_fail("during_save", step, self.rank)
+        except OSError as e:  # a full disk, a quota, a lost mount: every rank must learn of it, not wait
+            failure = e
+        if distributed.all_reduce(0 if failure is None else 1, op="max").item():
+            self._give_up(directory, failure)
         # On disk before anything can be pruned in favour of it: a node dying with the shards still in its
         # page cache must not leave a marker over torn files and no older checkpoint.
         mine = _files_of(directory, self.rank)
@@ -234,6 +240,19 @@ class Checkpointer:
                 self._prune(keep=directory)
         distributed.barrier()
         return directory
+
+    def _give_up(self, directory: Path, failure: OSError | None) -> None:
+        """A save that cannot complete: its directory stays without a marker (never loaded, removed by the next
+        save), older checkpoints are untouched; say so, and how to go on."""
+        complete = [d.name for _, d in self.checkpoints() if (d / COMPLETE).exists() and d != directory]
+        previous = f"the previous complete checkpoint {complete[-1]} is intact" if complete else "no checkpoint yet"
+        cause = f"{failure}" if failure is not None else "another rank could not write its files (its log says why)"
+        full = failure is not None and failure.errno in (errno.ENOSPC, errno.EDQUOT)
+        advice = f"free space under {self.root}" if full else "fix the storage"
+        raise CheckpointError(
+            f"checkpoint {directory.name} could not be written: {cause}; {previous}. {advice.capitalize()}, then "
+            "continue with `infinitune resume RUN_DIR`."
+        )
 
     def _prune(self, keep: Path) -> None:
         """Delete complete checkpoints beyond the newest keep_last, and debris older than the newest complete."""

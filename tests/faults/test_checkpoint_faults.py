@@ -1,0 +1,68 @@
+"""Faults while a checkpoint is being written, on real 2-rank DeepSpeed runs: a worker killed halfway (SIGKILL),
+and the disk filling up (an injected ENOSPC on one rank). Afterwards: no partial checkpoint is loaded, no
+complete one was deleted first, and the resumed run repeats the uninterrupted run's losses."""
+
+from __future__ import annotations
+
+import pytest
+
+from infinitune.trainer.checkpoint import checkpoint_problem
+
+from ..train_helpers import job_config, logs, make_tiny_setup, run, run_dir_of, step_losses
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_tokenizer_dir):
+    return make_tiny_setup(tmp_path_factory.mktemp("disk-full"), tiny_tokenizer_dir, records=600)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return tmp_path_factory.mktemp("fault-runs")
+
+
+@pytest.fixture(scope="module")
+def reference(setup, runs):
+    config = job_config(setup, runs, "reference", train={"eval_every": 0})
+    assert run(config) == 0, logs(config)
+    return config
+
+
+def assert_same_losses(config, reference):
+    want, got = step_losses(reference), step_losses(config)
+    assert sorted(got) == list(range(1, 13))
+    for step in got:
+        assert abs(got[step] - want[step]) <= 1e-6, (step, got[step], want[step])
+
+
+def test_a_worker_killed_while_saving_leaves_the_previous_checkpoint_to_resume_from(setup, runs, reference):
+    # keep_last 1: were anything deleted before the new checkpoint is complete, nothing would be left.
+    config = job_config(setup, runs, "killed-saving", train={"eval_every": 0}, checkpoint={"keep_last": 1})
+    assert run(config, env={"INFINITUNE_FAULT": "rank1:during_save:10"}) != 0
+    checkpoints = run_dir_of(config) / "checkpoints"
+    assert checkpoint_problem(checkpoints / "step_000005", "sha256") is None  # complete, and still there
+    assert checkpoint_problem(checkpoints / "step_000010") is not None  # half-written
+    assert run(config) == 0, logs(config)
+    assert "step_000005 (step 5)" in logs(config)  # the half-written one was not loaded
+    assert_same_losses(config, reference)
+
+
+def test_a_full_disk_during_a_save_fails_clearly_and_the_run_resumes(setup, runs, reference):
+    config = job_config(setup, runs, "disk-full", train={"eval_every": 0})
+    code = run(config, env={"INFINITUNE_FAULT": "rank1:during_save:10:enospc"})
+    assert code not in (0, 137)
+    text = logs(config)
+    for rank in (0, 1):  # every rank stops with the same clear message; none waits forever for the other
+        log = (run_dir_of(config) / "logs" / f"rank{rank}.log").read_text()
+        assert "checkpoint step_000010 could not be written" in log
+    assert "No space left on device" in text and "step_000005 is intact" in text and "infinitune resume" in text
+    checkpoints = run_dir_of(config) / "checkpoints"
+    assert checkpoint_problem(checkpoints / "step_000005", "sha256") is None
+    assert checkpoint_problem(checkpoints / "step_000010") is not None  # half-written, and never loaded
+
+    assert run(config) == 0, logs(config)  # space is back
+    assert "step_000005 (step 5)" in logs(config)
+    assert_same_losses(config, reference)
+    assert not (checkpoints / "step_000010").exists() or checkpoint_problem(checkpoints / "step_000010") is None

@@ -47,6 +47,7 @@ from infinitune.trainer.metrics import (
     device_memory_gb,
     device_peak_tflops,
     host_rss_gb,
+    process_counts,
 )
 from infinitune.trainer.model import AdaLoraBudget, build_model, parameter_counts
 from infinitune.trainer.preemption import EXIT_PREEMPTED, Preemption
@@ -123,6 +124,7 @@ def train(spec: TrainerSpec, ctx: RunContext) -> int:
 
         if state.step % spec.logging.log_every == 0 or state.step == cfg.max_steps:
             allocated, peak = device_memory_gb()
+            fds, threads = process_counts()
             metrics = {
                 "train/loss": step_loss,
                 "train/lr": lr,
@@ -137,6 +139,8 @@ def train(spec: TrainerSpec, ctx: RunContext) -> int:
                 "memory/host_rss_gb": host_rss_gb(),
                 "memory/device_allocated_gb": allocated,
                 "memory/device_peak_gb": peak,
+                "proc/open_fds": fds,
+                "proc/threads": threads,
             }
             w.metrics.scalars(state.step, metrics)
             ctx.report(state.step, metrics, None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle  # for its error type only: nothing is unpickled beyond torch's weights_only
 import shutil
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,13 @@ def consolidated_state_dict(directory: Path, zero_stage: int, trainable_only: bo
             str(directory.parent), tag=directory.name, exclude_frozen_parameters=trainable_only
         )
     else:  # ZeRO stage 0 keeps the whole module in rank 0's model-states file (DeepSpeed's own format)
-        saved = torch.load(directory / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        path = directory / "mp_rank_00_model_states.pt"
+        try:  # plain tensors and containers only: a checkpoint from elsewhere cannot run code here
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ExportError(
+                f"{path}: holds objects other than tensors and plain data; refusing to load it ({e})"
+            ) from None
         state = {k: v.float() if v.is_floating_point() else v for k, v in saved["module"].items()}
     if not all(k.startswith(WRAPPER_PREFIX) for k in state):
         raise ExportError(f"{directory}: unexpected parameter names {list(state)[:3]}; not an infinitune checkpoint")

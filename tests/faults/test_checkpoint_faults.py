@@ -66,3 +66,24 @@ def test_a_full_disk_during_a_save_fails_clearly_and_the_run_resumes(setup, runs
     assert "step_000005 (step 5)" in logs(config)
     assert_same_losses(config, reference)
     assert not (checkpoints / "step_000010").exists() or checkpoint_problem(checkpoints / "step_000010") is None
+
+
+def test_killed_at_random_points_the_run_still_sees_each_sample_once_and_repeats_the_losses(setup, runs, reference):
+    import json
+    import random
+
+    rng = random.Random(20261129)  # fixed, so that a failure can be replayed
+    kills = sorted(rng.sample(range(2, 12), 3))
+    config = job_config(setup, runs, "random-kills", train={"eval_every": 0}, logging={"log_samples": True})
+    for step in kills:
+        point = "during_save" if step % 5 == 0 else "after_step"
+        fault = f"rank{rng.choice([0, 1])}:{point}:{step}"
+        assert run(config, env={"INFINITUNE_FAULT": fault}) != 0, fault
+    assert run(config) == 0, logs(config)
+    assert_same_losses(config, reference)
+    by_step = {}
+    for line in (run_dir_of(config) / "samples.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        by_step[row["step"]] = row["ids"]  # a step run again after a restart keeps its last record
+    seen = [i for s in sorted(by_step) for i in by_step[s]]
+    assert len(seen) == 12 * 8 and len(set(seen)) == len(seen)  # 96 samples of the first epoch, none twice

@@ -169,6 +169,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir):
             DeepSpeedConfig(zero_stage=0, precision="fp32"),
             {"zero_optimization": {"stage": 0}},
             0,
+            total_steps=10,
         )
         model.train()
         ids = torch.randint(3, 500, (2, 32), generator=torch.Generator().manual_seed(1))

@@ -203,10 +203,13 @@ def run_job(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     started = connect(cluster)
-    progress = Queue(maxsize=1000, actor_options={"num_cpus": 0})
-    stop = ray.remote(num_cpus=0)(StopFlag).remote()
+    # The driver's helpers live on the driver's node: a lost worker node must not take them along.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    progress = Queue(maxsize=1000, actor_options={"num_cpus": 0, "scheduling_strategy": here})
+    stop = ray.remote(num_cpus=0, scheduling_strategy=here)(StopFlag).remote()
     resources = {"CPU": cluster.cpus_per_worker}
     if cluster.use_gpu:
         resources["GPU"] = 1
@@ -240,7 +243,7 @@ def run_job(
     previous = _stop_on_signals(stop)
     try:
         trainer.fit()
-        stopped = ray.get(stop.get.remote()) is not None
+        stopped = _stop_requested(stop)
     except Exception as e:  # Ray wraps the worker's error; the user needs what, where and how to go on
         raise JobFailed(_failure_message(e, run_dir, cluster)) from None
     finally:
@@ -251,6 +254,15 @@ def run_job(
         if started:
             ray.shutdown()
     return EXIT_PREEMPTED if stopped else 0
+
+
+def _stop_requested(stop) -> bool:
+    import ray
+
+    try:
+        return ray.get(stop.get.remote(), timeout=30) is not None
+    except Exception:  # the flag's actor lost: nobody can have set it since
+        return False
 
 
 class StopFlag:

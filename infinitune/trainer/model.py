@@ -43,6 +43,7 @@ class TokenLossModel(nn.Module):
         config = getattr(lm, "config", None)
         self.plain_head = getattr(config, "model_type", None) in PLAIN_HEAD_TYPES
         self.prefix = prefix_length(lm)
+        self.orth_reg_weight = _adalora_orth_reg_weight(lm)
 
     def forward(
         self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor
@@ -59,7 +60,29 @@ class TokenLossModel(nn.Module):
             out = self.lm(input_ids=input_ids, position_ids=position_ids, use_cache=False)
             logits = out.logits[:, :-1][keep]
         loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-        return loss, keep.sum()
+        n = keep.sum()
+        if self.orth_reg_weight and self.training:
+            # AdaLoRA's orthogonality regulariser, which peft adds only when the model computes the loss from
+            # labels. Added once per trained token, so that after the loop's division by the global batch's
+            # trained tokens it weighs orth_reg_weight, as in peft (ZeRO-0: every rank holds the same adapters).
+            loss = loss + self.orth_reg_weight * adalora_orth_reg(self.lm) * n
+        return loss, n
+
+
+def _adalora_orth_reg_weight(lm: nn.Module) -> float:
+    config = getattr(lm, "active_peft_config", None)
+    return float(getattr(config, "orth_reg_weight", 0.0)) if type(config).__name__ == "AdaLoraConfig" else 0.0
+
+
+def adalora_orth_reg(lm: nn.Module) -> torch.Tensor:
+    """Mean over AdaLoRA's A and B matrices of ||A A^T - I||_F and ||B^T B - I||_F (peft's regulariser)."""
+    name = lm.base_model.trainable_adapter_name
+    norms = []
+    for n, p in lm.base_model.model.named_parameters():
+        if ("lora_A" in n or "lora_B" in n) and name in n:
+            cov = p @ p.T if "lora_A" in n else p.T @ p
+            norms.append(torch.linalg.matrix_norm(cov - torch.eye(*cov.shape, dtype=cov.dtype, device=cov.device)))
+    return torch.stack(norms).mean() if norms else torch.zeros(())
 
 
 def prefix_length(lm: nn.Module) -> int:

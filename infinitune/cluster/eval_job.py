@@ -23,11 +23,10 @@ def eval_on_workers(target: str, data: str, settings: Any, workers: int, address
     """(rows in example order, records left out by reason, examples in all), computed by `workers` tasks."""
     import ray
 
-    from infinitune.trainer.evaluate import load_examples, load_for_eval
+    from infinitune.trainer.evaluate import load_eval_tokenizer, load_examples
 
-    # The examples' count decides the slices; the tokenizer alone would do, but a run directory's lives in its
-    # checkpoint, so the driver loads what eval_slice loads.
-    _, tokenizer = load_for_eval(target, settings.step)
+    # The examples' count decides the slices: the driver needs the tokenizer, not the model.
+    tokenizer = load_eval_tokenizer(target, settings.step)
     examples, _ = load_examples(data, tokenizer, settings.limit)
     per = -(-len(examples) // workers)
     per = -(-per // settings.batch_size) * settings.batch_size  # whole batches: the seeding stays put

@@ -80,17 +80,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def _run(cfg, run_dir: Path, local: bool) -> int:
     """Run the job's workers on Ray (default) or as local processes; returns the exit code. One driver per
     run directory: a second one is refused before it writes anything there."""
+    from infinitune.data_pipeline.shards import read_manifest
     from infinitune.launcher.lock import RunLock
 
-    read_manifest_first(cfg)
+    read_manifest(cfg.data.shards_dir)  # shards must exist before any worker (or Ray) starts
     with RunLock(run_dir):
         return _run_locked(cfg, run_dir, local)
-
-
-def read_manifest_first(cfg) -> None:
-    from infinitune.data_pipeline.shards import read_manifest
-
-    read_manifest(cfg.data.shards_dir)  # shards must exist before any worker (or Ray) starts
 
 
 def _run_locked(cfg, run_dir: Path, local: bool) -> int:

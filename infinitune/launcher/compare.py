@@ -47,13 +47,13 @@ def read_run(run_dir: str | Path) -> RunSummary:
     loss = series("train/loss")
     peaks = [e.value for tag in ("memory/device_peak_gb", "memory/host_rss_gb") for e in series(tag)]
     trained = series("train/trained_tokens")
-    all_loss_events = events.Scalars("train/loss")
     return RunSummary(
         name=Path(run_dir).name,
         steps=loss[-1].step,
         final_loss=loss[-1].value,
         trained_tokens=int(trained[-1].value) if trained else None,
-        wall_s=max(e.wall_time for e in all_loss_events) - min(e.wall_time for e in all_loss_events),
+        # First to last logged step; a restarted run's repeated steps keep their last time (series above).
+        wall_s=max(e.wall_time for e in loss) - min(e.wall_time for e in loss),
         peak_memory_gb=max(peaks, default=0.0),
         evals={tag: series(tag)[-1].value for tag in EVAL_COLUMNS if tag in tags},
         loss_curve=[(e.step, e.value) for e in loss],

@@ -375,6 +375,17 @@ def load_for_eval(target: str, step: int | None = None):
     return load_causal_lm(ModelConfig(path=target), torch.float32), load_tokenizer(target)
 
 
+def load_eval_tokenizer(target: str, step: int | None = None):
+    """The tokenizer `load_for_eval` would return, without loading or consolidating any weights."""
+    from infinitune.data_pipeline.tokenizer import load_tokenizer
+
+    if is_run_dir(target):
+        from infinitune.trainer.export import find_checkpoint
+
+        return load_tokenizer(str(find_checkpoint(target, step) / "hf"))
+    return load_tokenizer(target)
+
+
 def load_examples(data: str, tokenizer, limit: int | None) -> tuple[list[Example], dict[str, int]]:
     """Examples from a prepared shards directory (its validation split) or a file/directory of records."""
     from pathlib import Path

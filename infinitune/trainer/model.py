@@ -3,6 +3,7 @@ optionally wrapped with LoRA, inside a module whose forward returns the summed l
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -93,9 +94,14 @@ def prefix_length(lm: nn.Module) -> int:
 
 def cache_argument(module: nn.Module) -> str:
     """What this transformers calls the KV cache argument (`cache` since 5.x, `past_key_values` before)."""
+    return _cache_argument(type(module))
+
+
+@functools.cache
+def _cache_argument(cls: type) -> str:  # once per class: the prefix path asks at every training step
     import inspect
 
-    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def prefix_decoder_forward(lm: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:

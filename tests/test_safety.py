@@ -60,10 +60,13 @@ def test_a_shard_member_holding_a_pickle_is_refused_without_running_it(tmp_path)
 def test_a_checkpoint_file_holding_a_pickle_is_refused_without_running_it(tmp_path):
     import os
 
-    path = tmp_path / "rng.rank0.pt"
-    torch.save({"torch": Payload()}, path)
+    from infinitune.trainer.checkpoint import Checkpointer
+
+    directory = tmp_path / "step_000001"
+    directory.mkdir()
+    torch.save({"ipt": Payload()}, directory / "extra.rank0.pt")  # what the checkpointer reads back on resume
     with pytest.raises(Exception, match="Weights only load failed"):
-        torch.load(path, weights_only=True)  # what checkpoint.py and export.py call (checked above)
+        Checkpointer(tmp_path, rank=0, world_size=1).load_extra(directory)
     assert not os.path.exists("/tmp/infinitune-pwned")
 
 

@@ -79,9 +79,22 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     if dist.is_initialized():
+        # Every rank leaves together: a rank that tears its process group down while another still sends its
+        # last collective makes that one fail at exit.
+        dist.barrier()
         dist.destroy_process_group()
     return code
 
 
+def exit_now(code: int) -> None:
+    """Leave without the interpreter's teardown once everything is written: C++ threads of the collective
+    libraries, joined in static destructors, have been seen to abort a finished worker there (exit 134,
+    "terminate called without an active exception"), turning a complete run into a failed one."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -177,3 +177,20 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir):
         loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_a_process_that_loaded_partitioned_loads_whole_models_afterwards():
+    """After training with ZeRO-3 (transformers told to build models partitioned), consolidating a checkpoint
+    or loading a base model in the same process must give real weights, not ZeRO placeholders."""
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    from infinitune.trainer import model as model_module
+
+    model_module._HF_DEEPSPEED_CONFIG = HfDeepSpeedConfig(
+        {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}
+    )
+    assert is_deepspeed_zero3_enabled()
+    model_module.load_whole()
+    assert not is_deepspeed_zero3_enabled()
+    assert model_module._HF_DEEPSPEED_CONFIG is None

@@ -81,6 +81,9 @@ def build_from_checkpoint(directory: Path) -> tuple[torch.nn.Module, Any]:
     """(HF model with the checkpoint's weights, an adapter merged, in fp32; tokenizer)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from infinitune.trainer.model import load_whole
+
+    load_whole()  # a whole model, even in a process that trained with ZeRO-3
     trainer_state = json.loads((directory / STATE).read_text())
     hf = directory / "hf"
     if (hf / "adapter.json").exists():

@@ -148,12 +148,24 @@ def load_causal_lm(cfg: ModelConfig, dtype: torch.dtype, ds_config: dict | None 
     config.use_cache = False
     if ds_config is not None and ds_config["zero_optimization"]["stage"] == 3:
         _HF_DEEPSPEED_CONFIG = HfDeepSpeedConfig(ds_config)
+    else:
+        load_whole()
     model = AutoModelForCausalLM.from_pretrained(
         source, config=config, dtype=dtype, attn_implementation=cfg.attn_implementation, **kwargs
     )
     if getattr(model, "hf_quantizer", None) is not None:  # a GGUF arrives flagged quantised though dequantised
         model.hf_quantizer.remove_quantization_config(model)
     return model
+
+
+def load_whole() -> None:
+    """Models built from here on are whole, not ZeRO-3 partitioned: a process that trained with ZeRO-3 and then
+    loads a model (a checkpoint to consolidate, a base to evaluate) must not get placeholders."""
+    global _HF_DEEPSPEED_CONFIG
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    _HF_DEEPSPEED_CONFIG = None
+    unset_hf_deepspeed_config()
 
 
 def build_model(cfg: ModelConfig, ds: DeepSpeedConfig, ds_config: dict, seed: int, total_steps: int) -> TokenLossModel:

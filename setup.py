@@ -43,6 +43,7 @@ setup(
     extras_require={
         "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "moto[server]>=5"],  # moto: a local S3 for tests
         "s3": ["s3fs"],
+        "bench": ["trl>=1.16,<2"],  # bench/peers.py races TRL's SFTTrainer
     },
     entry_points={"console_scripts": ["infinitune=infinitune.launcher.cli:main"]},
     license="Apache-2.0",

@@ -96,6 +96,7 @@ def test_an_embedded_ray_job_finishes_and_persists_every_ranks_shards(reference,
     assert_each_sample_once_per_epoch(reference, setup)
 
 
+@pytest.mark.faults
 def test_a_killed_worker_is_restarted_and_the_losses_do_not_change(setup, runs, reference, tmp_path):
     config = tiny_job(setup, runs, "ray-killed")
     env = {"INFINITUNE_FAULT": "rank1:after_step:7", "INFINITUNE_FAULT_ONCE": str(tmp_path / "fired")}
@@ -110,6 +111,7 @@ def test_a_killed_worker_is_restarted_and_the_losses_do_not_change(setup, runs, 
     assert_each_sample_once_per_epoch(config, setup)
 
 
+@pytest.mark.faults
 def test_sigterm_to_one_worker_saves_then_ray_resumes(setup, runs, reference):
     config = tiny_job(setup, runs, "ray-sigterm", checkpoint={"every_steps": 50})
     proc = subprocess.Popen(
@@ -133,6 +135,38 @@ def test_sigterm_to_one_worker_saves_then_ray_resumes(setup, runs, reference):
     assert max(abs(got[s] - want[s]) for s in got) <= 1e-6
 
 
+@pytest.mark.faults
+def test_sigterm_to_the_driver_saves_stops_and_resume_continues(setup, runs, reference):
+    """SIGTERM to the driver of a job on an embedded Ray cluster (what a scheduler or `ray job stop` sends): the
+    workers save one complete checkpoint at the next step boundary and end, the driver exits 75 naming how to
+    resume, and `infinitune resume` continues to the uninterrupted run's losses, each sample once per epoch."""
+    from infinitune.trainer.checkpoint import step_dirs
+
+    config = tiny_job(setup, runs, "driver-stopped", checkpoint={"every_steps": 100})
+    cli = [sys.executable, "-m", "infinitune.launcher.cli"]
+    driver = subprocess.Popen([*cli, "train", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_step(config, 3)
+        driver.send_signal(signal.SIGTERM)
+        out, _ = driver.communicate(timeout=300)
+    finally:
+        driver.kill()
+    assert driver.returncode == 75, out[-3000:]
+    assert "SIGTERM: the workers save at the next step boundary" in out
+    assert f"infinitune resume {run_dir_of(config)}" in out
+    saved = step_dirs(run_dir_of(config) / "checkpoints")
+    assert len(saved) == 1 and 3 <= saved[0][0] < STEPS  # saved at once, not at the scheduled interval
+    assert checkpoint_problem(saved[0][1], "sha256") is None
+
+    resumed = subprocess.run([*cli, "resume", str(run_dir_of(config))], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    want, got = step_losses(reference), step_losses(config)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert max(abs(got[s] - want[s]) for s in got) <= 1e-6
+    assert_each_sample_once_per_epoch(config, setup)
+
+
+@pytest.mark.faults
 def test_exhausted_retries_say_what_failed_and_how_to_resume(setup, runs):
     config = tiny_job(setup, runs, "ray-doomed", cluster={"max_failures": 1})
     code, out = train_cli(config, env={"INFINITUNE_FAULT": "rank0:after_step:3"})
@@ -141,6 +175,7 @@ def test_exhausted_retries_say_what_failed_and_how_to_resume(setup, runs):
     assert f"infinitune resume {run_dir_of(config)}" in out and "logs" in out
 
 
+@pytest.mark.faults
 def test_a_lost_node_costs_only_the_steps_since_the_checkpoint(setup, runs, reference, tmp_path):
     import ray
     from ray.cluster_utils import Cluster

@@ -5,14 +5,15 @@ Every contender gets the same model (a 4-layer Llama from a config with SmolLM2'
 SmolLM2-135M-Instruct), the same records (alpaca_en_demo.json less 40 held out), the same sequence length,
 AdamW (betas 0.9/0.95, no weight decay, clip 1.0, constant learning rate, fp32, sdpa attention), trains only
 on the answer tokens, and trains the same number of answer tokens: infinitune runs its steps first, and each
-peer stops at the first optimizer step at which it has trained as many. A step carries the same records on
-average for everyone: packed contenders take `--batch` sequences of `--seq-len` tokens, the unpacked ones
-that many sequences' worth of records (records per packed sequence, from the prepared manifest).
+peer stops at the optimizer step that brings its trained answer tokens closest to as many. A step carries the
+same records on average for everyone: packed contenders take a micro-batch of sequences of `--seq-len` tokens
+(4 for the tiny Llama, 2 for SmolLM2), the unpacked ones that many sequences' worth of records (records per
+packed sequence, from the prepared manifest), padded.
 
 Each contender runs in its own process (its own peak memory and start-up time) and reports:
 - trained tokens/s: answer tokens trained after the first step, over the wall time from the end of the first
   step to the end of the last (data, logging and all);
-- peak memory: the process's peak RSS during training plus its largest helper process (data workers);
+- peak memory: the training process's peak RSS up to its last step (everyone loads data in that process);
 - time to the first step: from the process's launch to the end of its first optimizer step;
 - final loss: the mean training loss of the last 3 steps, and the answer-token loss of the trained model on
   the 40 held-out records, computed by the same code for everyone.
@@ -41,11 +42,13 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 HELD_OUT = 40
-CONTENDERS = ("infinitune", "infinitune_zero0", "trl_packed", "trl_unpacked", "hf_trainer_zero3")
+# infinitune_zero0: the same without ZeRO partitioning; infinitune_order1: the same with another seeded sample
+# order (data.seed 1), which shows how much the losses move with the order alone.
+CONTENDERS = ("infinitune", "infinitune_zero0", "infinitune_order1", "trl_packed", "trl_unpacked", "hf_trainer_zero3")
 MODELS = {
     # name: (micro batch in packed sequences, infinitune's steps, learning rate)
     "tiny": (4, 30, 1e-3),
-    "smollm2": (2, 6, 5e-5),
+    "smollm2": (2, 4, 5e-5),
 }
 
 
@@ -119,6 +122,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="infinitune's steps (default: per model)")
     ap.add_argument("--workdir", default=None, help="keep models, shards and logs here (default: a temp dir)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "peers.json"))
+    ap.add_argument("--merge", action="store_true", help="update the named contenders' rows in --out, keep the rest")
     args = ap.parse_args()
     if args.child:
         child(args.child, json.loads(Path(args.spec).read_text()))
@@ -134,6 +138,8 @@ def main() -> None:
         train_file.write_text(json.dumps(records[:-HELD_OUT]))
         held_out.write_text(json.dumps(records[-HELD_OUT:]))
         results = {"machine": f"{os.cpu_count()} cores, CPU, fp32", "seq_len": args.seq_len, "models": {}}
+        if args.merge:
+            results = json.loads(Path(args.out).read_text())
         for name in args.models.split(","):
             batch, steps, lr = MODELS[name]
             model_dir = prepare_model(name, root, args.seq_len)
@@ -153,7 +159,9 @@ def main() -> None:
                 "steps": args.steps or steps,
                 "lr": lr,
             }
-            rows = {}
+            rows = results["models"].get(name, {}).get("rows", {})
+            if "infinitune" in rows:
+                spec["budget"] = rows["infinitune"]["trained_tokens"]
             for contender in args.contenders.split(","):
                 rows[contender] = run_child(contender, spec, root)
                 if contender == "infinitune":
@@ -219,9 +227,8 @@ def summarise(times: list[float], trained: list[int], losses: list[float], peak:
         "trained_tokens": trained[-1],
         "trained_tokens_per_s": (trained[-1] - trained[0]) / (times[-1] - times[0]),
         "first_step_s": times[0] - launch,
-        "peak_rss_gb": peak[0] + peak[1],
-        "peak_rss_main_gb": peak[0],
-        "peak_rss_helper_gb": peak[1],
+        "peak_rss_gb": peak[0],
+        "peak_rss_helper_gb": peak[1],  # largest child process (none expected: data is loaded in-process)
         "final_loss": statistics.mean(losses[-3:]),
         "loss_first_step": losses[0],
     }
@@ -232,13 +239,17 @@ def child(contender: str, spec: dict) -> None:
 
     torch.manual_seed(0)
     if contender.startswith("infinitune"):
-        result = run_infinitune(spec, zero_stage=0 if contender == "infinitune_zero0" else 3)
+        result = run_infinitune(
+            spec,
+            zero_stage=0 if contender == "infinitune_zero0" else 3,
+            seed=1 if contender == "infinitune_order1" else 0,
+        )
     else:
         result = run_hf(contender, spec)
     Path(spec["result"]).write_text(json.dumps(result))
 
 
-def run_infinitune(spec: dict, zero_stage: int) -> dict:
+def run_infinitune(spec: dict, zero_stage: int, seed: int) -> dict:
     """The real worker entry point (what `infinitune train --local` starts on each rank), world size 1."""
     import yaml
 
@@ -251,7 +262,9 @@ def run_infinitune(spec: dict, zero_stage: int) -> dict:
     from infinitune.launcher.local import free_port
 
     os.environ["MASTER_PORT"] = str(free_port())
-    run_dir = Path(spec["run_dir"] + ("" if zero_stage == 3 else f"-zero{zero_stage}"))
+    run_dir = Path(
+        spec["run_dir"] + ("" if zero_stage == 3 else f"-zero{zero_stage}") + (f"-seed{seed}" if seed else "")
+    )
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     config = {
@@ -261,7 +274,8 @@ def run_infinitune(spec: dict, zero_stage: int) -> dict:
             "sources": [{"path": spec["train_file"]}],
             "seq_len": spec["seq_len"],
             "shards_dir": spec["shards"],
-            "num_workers": 1,
+            "num_workers": 0,  # in the training process, as the peers' data loading (memory is compared)
+            "seed": seed,
         },
         "train": {
             "global_batch_size": spec["batch"],
@@ -280,9 +294,11 @@ def run_infinitune(spec: dict, zero_stage: int) -> dict:
     code = run.main([str(run_dir / "config.yaml")])
     if code != 0:
         raise SystemExit(f"infinitune exited {code}")
-    peak = peak_rss_gb()
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "train/loss" in r]
+    # Peak memory up to the end of the last step, as for the peers (the process's own peak, which the final
+    # checkpoint save may raise, is kept beside it).
+    peak = (rows[-1]["memory/host_peak_gb"], peak_rss_gb()[1])
     result = summarise(
         [r["time"] for r in rows],
         [int(r["train/trained_tokens"]) for r in rows],
@@ -290,13 +306,14 @@ def run_infinitune(spec: dict, zero_stage: int) -> dict:
         peak,
         spec,
     )
+    result["peak_rss_with_final_save_gb"] = peak_rss_gb()[0]
     model, _ = load_for_eval(str(run_dir))
     result["held_out_loss"] = held_out_loss(model, spec)
     return result
 
 
 def run_hf(contender: str, spec: dict) -> dict:
-    """TRL's SFTTrainer or transformers' Trainer, stopped at the first step with infinitune's trained tokens."""
+    """TRL's SFTTrainer or transformers' Trainer, stopped at the step closest to infinitune's trained tokens."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback
 
@@ -332,9 +349,10 @@ def run_hf(contender: str, spec: dict) -> dict:
             self.count = 0
 
         def on_step_end(self, args, state, control, **kwargs):
+            step_tokens = self.count - (self.trained[-1] if self.trained else 0)
             self.times.append(time.time())
             self.trained.append(self.count)
-            if self.count >= spec["budget"]:
+            if self.count >= spec["budget"] - step_tokens / 2:  # the step that comes closest to the budget
                 control.should_training_stop = True
                 self.peak = peak_rss_gb()
 

@@ -35,6 +35,7 @@ SCALARS = [
     "perf/step_time_s",
     "perf/data_wait_fraction",
     "memory/host_rss_gb",
+    "memory/host_peak_gb",
     "memory/device_allocated_gb",
     "eval/loss",
     "eval/ppl",

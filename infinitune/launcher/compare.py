@@ -45,7 +45,9 @@ def read_run(run_dir: str | Path) -> RunSummary:
         return sorted({e.step: e for e in events.Scalars(tag)}.values(), key=lambda e: e.step) if tag in tags else []
 
     loss = series("train/loss")
-    peaks = [e.value for tag in ("memory/device_peak_gb", "memory/host_rss_gb") for e in series(tag)]
+    peaks = [
+        e.value for tag in ("memory/device_peak_gb", "memory/host_peak_gb", "memory/host_rss_gb") for e in series(tag)
+    ]
     trained = series("train/trained_tokens")
     return RunSummary(
         name=Path(run_dir).name,

@@ -46,6 +46,7 @@ from infinitune.trainer.metrics import (
     MetricsWriter,
     device_memory_gb,
     device_peak_tflops,
+    host_peak_rss_gb,
     host_rss_gb,
     process_counts,
 )
@@ -137,6 +138,7 @@ def train(spec: TrainerSpec, ctx: RunContext) -> int:
                 "perf/step_time_s": step_time,
                 "perf/data_wait_fraction": data_wait / step_time,
                 "memory/host_rss_gb": host_rss_gb(),
+                "memory/host_peak_gb": host_peak_rss_gb(),
                 "memory/device_allocated_gb": allocated,
                 "memory/device_peak_gb": peak,
                 "proc/open_fds": fds,

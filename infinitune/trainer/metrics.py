@@ -77,6 +77,11 @@ def host_rss_gb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def host_peak_rss_gb() -> float:
+    """The most host memory this process has held so far (its RSS high-water mark)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 def process_counts() -> tuple[int, int]:
     """(open file descriptors, threads) of this process: what a leak would grow (Linux; zeros elsewhere)."""
     try:

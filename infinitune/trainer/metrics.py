@@ -73,8 +73,8 @@ def host_rss_gb() -> float:
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    except OSError:  # no /proc: the high-water mark is the nearest figure
+        return host_peak_rss_gb()
 
 
 def host_peak_rss_gb() -> float:

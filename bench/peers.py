@@ -228,10 +228,22 @@ def summarise(times: list[float], trained: list[int], losses: list[float], peak:
         "trained_tokens_per_s": (trained[-1] - trained[0]) / (times[-1] - times[0]),
         "first_step_s": times[0] - launch,
         "peak_rss_gb": peak[0],
-        "peak_rss_helper_gb": peak[1],  # largest child process (none expected: data is loaded in-process)
+        # Largest child process. Not a data worker (data is loaded in-process): a short-lived child forked late,
+        # whose high-water mark starts at its parent's RSS (ours under ZeRO-3 shows it); not in the table.
+        "peak_rss_helper_gb": peak[1],
         "final_loss": statistics.mean(losses[-3:]),
         "loss_first_step": losses[0],
     }
+
+
+def single_process_env() -> None:
+    """What a launcher gives a world of one process (DeepSpeed initialises torch.distributed from it)."""
+    from infinitune.launcher.local import free_port
+
+    os.environ.update(
+        {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    )
+    os.environ["MASTER_PORT"] = str(free_port())
 
 
 def child(contender: str, spec: dict) -> None:
@@ -256,12 +268,7 @@ def run_infinitune(spec: dict, zero_stage: int, seed: int) -> dict:
     from infinitune.trainer import run
     from infinitune.trainer.evaluate import load_for_eval
 
-    os.environ.update(
-        {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
-    )
-    from infinitune.launcher.local import free_port
-
-    os.environ["MASTER_PORT"] = str(free_port())
+    single_process_env()
     run_dir = Path(
         spec["run_dir"] + ("" if zero_stage == 3 else f"-zero{zero_stage}") + (f"-seed{seed}" if seed else "")
     )
@@ -404,9 +411,7 @@ def run_hf(contender: str, spec: dict) -> dict:
 
         from infinitune.trainer.evaluate import examples_from_records
 
-        os.environ.update(
-            {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29571"}
-        )
+        single_process_env()
         ds_config = {
             "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": "auto"},
             "gradient_clipping": "auto",

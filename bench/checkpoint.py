@@ -6,6 +6,10 @@ random state, the trainer state, then a sha256 of every file into the completene
 the marker (sha256) and restores the engine. The baseline writes one torch.save file of the model's and the
 optimizer's state_dict, and reads it back with torch.load(weights_only=True).
 
+Then a background save (`checkpoint.async_save`): the seconds the loop is blocked (copying the state), the
+seconds until the checkpoint is complete while the loop keeps stepping, and the step time meanwhile against
+the step time with nothing being written.
+
     python bench/checkpoint.py [--layers 8 --hidden 512] [--repeat 3]
 """
 
@@ -75,9 +79,15 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     ids = torch.randint(3, args.vocab, (2, 64))
-    loss, _ = engine(ids, ids.clone(), torch.arange(64).repeat(2, 1))
-    engine.backward(loss)
-    engine.step()  # the optimizer now holds its state
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        loss, _ = engine(ids, ids.clone(), torch.arange(64).repeat(2, 1))
+        engine.backward(loss)
+        engine.step()
+        return time.perf_counter() - t0
+
+    step()  # the optimizer now holds its state
 
     root = Path(args.dir or tempfile.mkdtemp(prefix="ckbench-"))
     results: dict[str, list[float]] = {k: [] for k in ("ours_save_s", "ours_load_s", "torch_save_s", "torch_load_s")}
@@ -108,6 +118,23 @@ def main() -> None:
             optimizer.load_state_dict(state["optimizer"])
             results["torch_load_s"].append(time.perf_counter() - t0)
             path.unlink()
+
+        alone = [step() for _ in range(8)]
+        background = Checkpointer(root / "background", 0, 1, keep_last=1, verify="sha256")
+        during: list[float] = []
+        for i in range(args.repeat):
+            os.sync()
+            t0 = time.perf_counter()
+            background.save(i + 1, engine, {"step": i + 1}, {}, background=True)
+            results.setdefault("background_blocked_s", []).append(time.perf_counter() - t0)
+            done = None
+            while done is None:  # the loop goes on; each step boundary asks whether the save is complete
+                during.append(step())
+                done = background.finish()
+            results.setdefault("background_complete_s", []).append(time.perf_counter() - t0)
+            assert background.newest_complete() == done.directory
+        results["step_s_alone"] = alone
+        results["step_s_while_writing"] = during
     finally:
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
@@ -123,6 +150,8 @@ def main() -> None:
         "save_ratio": (sizes["ours_gb"] / med["ours_save_s"]) / (sizes["torch_gb"] / med["torch_save_s"]),
         "load_ratio": (sizes["ours_gb"] / med["ours_load_s"]) / (sizes["torch_gb"] / med["torch_load_s"]),
         "loop_blocked_per_save_s": med["ours_save_s"],
+        "background_blocked_ratio": med["background_blocked_s"] / med["ours_save_s"],
+        "step_slowdown_while_writing": med["step_s_while_writing"] / med["step_s_alone"],
     }
     print(json.dumps(out, indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,8 @@ for one save the Checkpointer (DeepSpeed's save plus the per-rank sha256 listing
 blocked by it.
 
     python bench/gpu_mfu.py                     # one GPU: ZeRO 0 and 3, ~3 minutes
-    python bench/gpu_mfu.py --tiny --device cpu # the same code on a CPU with a tiny model (a smoke test)
+    python bench/gpu_mfu.py --tiny              # the same code on a CPU with a tiny model (a smoke test)
+    python bench/gpu_mfu.py --save-dir /tmp/ck --async-save   # also the loop's block by a background save
 """
 
 from __future__ import annotations
@@ -170,8 +171,11 @@ def one_stage(args) -> dict:
         root = Path(args.save_dir) / f"zero{args.stage}"
         checkpointer = Checkpointer(root, 0, 1, keep_last=1)
         t0 = time.perf_counter()
-        directory = checkpointer.save(args.steps, engine, {"step": args.steps}, {})
+        directory = checkpointer.save(args.steps, engine, {"step": args.steps}, {}, background=args.async_save)
         result["checkpoint_blocked_s"] = time.perf_counter() - t0
+        if args.async_save:  # the loop would step on meanwhile; here it only waits for the writer
+            directory = checkpointer.finish(block=True).directory
+            result["checkpoint_complete_s"] = time.perf_counter() - t0
         result["checkpoint_gb"] = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()) / 2**30
         result["checkpoint_complete"] = checkpoint_problem(directory, "size") is None
     return result
@@ -192,6 +196,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="print a GPU profile of one step")
     ap.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
     ap.add_argument("--save-dir", default=None, help="also time one checkpoint save per stage into this directory")
+    ap.add_argument("--async-save", action="store_true", help="time a background save (checkpoint.async_save)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
     if args.stage is not None:

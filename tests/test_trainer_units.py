@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from infinitune.data_pipeline.stream import BatchLayout
-from infinitune.trainer.checkpoint import COMPLETE, _owner, checkpoint_problem
+from infinitune.trainer.checkpoint import COMPLETE, _owner, checkpoint_problem, snapshot
 from infinitune.trainer.config import DeepSpeedConfig, ModelConfig, TrainConfig
 from infinitune.trainer.ds_config import deepspeed_config
 from infinitune.trainer.metrics import FlopCounter
@@ -157,6 +157,34 @@ def test_checkpoint_completeness_is_checked_file_by_file(tmp_path):
     missing = _fake_checkpoint(tmp_path / "d")
     (missing / "files.rank1.json").unlink()
     assert "files.rank1.json" in checkpoint_problem(missing)
+
+
+def test_a_background_save_writes_the_state_as_it_was_when_the_save_began(tmp_path):
+    """The copy a background save writes: later in-place updates (the next optimizer steps) do not reach
+    it, a view costs only its elements, and the types DeepSpeed's loaders rely on are kept."""
+    from collections import OrderedDict, defaultdict
+
+    flat = torch.arange(1000, dtype=torch.float32)  # ZeRO keeps partitions as views of one flat buffer
+    moments = defaultdict(dict, {0: {"exp_avg": flat[10:20], "step": torch.tensor(3.0)}})
+    state = {
+        "module": OrderedDict(w=flat[:10]),
+        "optimizer": {"state": moments, "param_groups": [{"lr": 0.1, "betas": (0.9, 0.95)}]},
+        "param_shapes": [OrderedDict(w=torch.Size([2, 5]))],
+    }
+    copy = snapshot(state)
+    flat.add_(1000)  # the loop goes on training while the copy is written
+    moments[0]["step"].add_(1)
+    torch.save(copy, tmp_path / "ck.pt")
+    back = torch.load(tmp_path / "ck.pt", weights_only=False)  # as DeepSpeed loads its own files
+    assert torch.equal(back["module"]["w"], torch.arange(10, dtype=torch.float32))
+    assert torch.equal(back["optimizer"]["state"][0]["exp_avg"], torch.arange(10, 20, dtype=torch.float32))
+    assert back["optimizer"]["state"][0]["step"].item() == 3.0
+    assert back["module"]["w"].untyped_storage().nbytes() == 10 * 4  # not the whole flat buffer
+    assert type(copy["module"]) is OrderedDict and type(copy["optimizer"]["state"]) is defaultdict
+    assert type(copy["param_shapes"][0]["w"]) is torch.Size and copy["optimizer"]["param_groups"][0]["betas"] == (
+        0.9,
+        0.95,
+    )
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir):

@@ -6,6 +6,11 @@ and tokenizer, so export needs nothing else), one `files.rank{r}.json` per rank 
 size and sha256, and last, written by rank 0 once every rank's list exists, `COMPLETE.json`. Then `latest`
 names the new step, and only then are older checkpoints beyond `keep_last` deleted.
 
+With `background=True` the step loop is blocked only while DeepSpeed's state is copied into host memory; a
+thread writes and hashes this rank's files, and `finish()`, called by every rank at each step boundary,
+writes the marker once every rank's thread is done. Until then the checkpoint is partial like any other and
+is never loaded.
+
 Loading takes the newest checkpoint whose marker is present and whose files match it; a damaged or partial
 one is reported and the previous one used. Our own files are read with `torch.load(weights_only=True)`.
 """
@@ -20,7 +25,10 @@ import os
 import random
 import re
 import shutil
+import threading
 import time
+from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +49,61 @@ _RANK_FILE = re.compile(r"(?:zero_pp_rank_|rank_|\.rank)(\d+)[._]")
 
 class CheckpointError(RuntimeError):
     pass
+
+
+def snapshot(state: Any) -> Any:
+    """A copy of `state` in host memory that later training steps cannot change: every tensor copied (a view
+    to just its elements), dicts, lists and tuples rebuilt with their types; other values (torch.Size, numbers,
+    strings) kept as they are, since DeepSpeed's loaders rely on their types."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        copied = {k: snapshot(v) for k, v in state.items()}
+        if isinstance(state, defaultdict):
+            return type(state)(state.default_factory, copied)
+        return copied if type(state) is dict else type(state)(copied)
+    if type(state) in (list, tuple):
+        return type(state)(snapshot(v) for v in state)
+    return state
+
+
+class _SnapshotEngine:
+    """Stands in for DeepSpeed's checkpoint engine during one background save: each state dict DeepSpeed
+    hands it is copied (`snapshot`) and kept for the writer thread; everything else goes to the real one."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.pending: list[tuple[Any, str]] = []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def preserves_storage_sharing(self) -> bool:
+        return False  # `snapshot` copies every tensor; DeepSpeed need not clone them first
+
+    def save(self, state_dict, path: str) -> None:
+        self.pending.append((snapshot(state_dict), path))
+
+
+@dataclass
+class Completed:
+    """A background save that `finish()` completed: its step, directory, and seconds from start to marker."""
+
+    step: int
+    directory: Path
+    seconds: float
+
+
+@dataclass
+class _Pending:
+    """A background save: its thread writes `states` and this rank's listing, or records why it could not."""
+
+    step: int
+    directory: Path
+    states: list[tuple[Any, str]]
+    started: float = field(default_factory=time.perf_counter)
+    thread: threading.Thread | None = None
+    error: BaseException | None = None
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -185,6 +248,7 @@ class Checkpointer:
         self.rank, self.world_size = rank, world_size
         self.keep_last, self.verify, self.shared = keep_last, verify, shared
         self.trainable_only = trainable_only  # frozen weights (an adapter's base) come from the model's source
+        self._pending: _Pending | None = None  # a background save not yet completed
 
     # -- saving ---------------------------------------------------------------------------------------------
 
@@ -195,17 +259,28 @@ class Checkpointer:
         trainer_state: dict[str, Any],
         hf_files: dict[str, bytes],
         extra: dict[str, Any] | None = None,
-    ) -> Path:
-        """Write checkpoint `step` with every rank; returns its directory once it is complete."""
+        background: bool = False,
+    ) -> Path | None:
+        """Write checkpoint `step` with every rank; returns its directory once it is complete, or, with
+        `background`, None once the state is copied: the files are written by a thread and `finish()`
+        completes the checkpoint. A save still in the background is finished first."""
+        self.finish(block=True)
         directory = step_dir(self.root, step)
         if self.rank == 0 or not self.shared:
             if directory.exists():  # debris of an attempt that died before completing: never loaded
                 shutil.rmtree(directory)
             self.root.mkdir(parents=True, exist_ok=True)
         distributed.barrier()
-        engine.save_checkpoint(
-            str(self.root), tag=directory.name, save_latest=False, exclude_frozen_parameters=self.trainable_only
-        )
+        real = engine.checkpoint_engine
+        if background:
+            engine.checkpoint_engine = _SnapshotEngine(real)
+        try:
+            engine.save_checkpoint(
+                str(self.root), tag=directory.name, save_latest=False, exclude_frozen_parameters=self.trainable_only
+            )
+        finally:
+            states = engine.checkpoint_engine.pending if background else []
+            engine.checkpoint_engine = real
         failure: OSError | None = None
         try:
             torch.save(rng_state(), directory / f"rng.rank{self.rank}.pt")
@@ -216,11 +291,65 @@ class Checkpointer:
                 for name, data in hf_files.items():
                     (directory / "hf" / name).parent.mkdir(parents=True, exist_ok=True)
                     (directory / "hf" / name).write_bytes(data)
-            faults.maybe_fail("during_save", step, self.rank)
+            if not background:
+                faults.maybe_fail("during_save", step, self.rank)
         except OSError as e:  # a full disk, a quota, a lost mount: every rank must learn of it, not wait
             failure = e
         if distributed.all_reduce(0 if failure is None else 1, op="max").item():
             self._give_up(directory, failure)
+        if background:
+            self._pending = _Pending(step, directory, states)
+            self._pending.thread = threading.Thread(
+                target=self._write_in_background, args=(self._pending,), name=f"checkpoint-{step}", daemon=True
+            )
+            self._pending.thread.start()
+            return None
+        self._write_listing(directory)
+        self._complete(step, directory)
+        return directory
+
+    @property
+    def pending(self) -> bool:
+        """Whether a background save has yet to be completed by `finish()`."""
+        return self._pending is not None
+
+    def _write_in_background(self, job: _Pending) -> None:
+        try:
+            while job.states:
+                state, path = job.states.pop(0)  # each copy freed once it is on disk
+                # The zip format, unlike DeepSpeed's default, lets the step loop run while bytes are written.
+                torch.save(state, path, _use_new_zipfile_serialization=True)
+                del state
+            faults.maybe_fail("during_save", job.step, self.rank)
+            self._write_listing(job.directory)
+        except BaseException as e:  # reported by finish(), on the loop's thread
+            job.error = e
+
+    def finish(self, block: bool = False) -> Completed | None:
+        """Complete the background save once every rank has written its files (a collective call, at a step
+        boundary): the marker, `latest`, pruning. Returns what completed now, else None; `block` waits for
+        the writes."""
+        job = self._pending
+        if job is None:  # the same on every rank: saves are collective
+            return None
+        if block:
+            job.thread.join()
+        if not distributed.all_reduce(0 if job.thread.is_alive() else 1, op="min").item():
+            return None
+        self._pending = None
+        if distributed.all_reduce(0 if job.error is None else 1, op="max").item():
+            if job.error is not None and not isinstance(job.error, OSError):
+                raise CheckpointError(f"checkpoint {job.directory.name} could not be written: {job.error!r}") from (
+                    job.error
+                )
+            self._give_up(job.directory, job.error)
+        self._complete(job.step, job.directory)
+        done = Completed(job.step, job.directory, time.perf_counter() - job.started)
+        log.info("checkpoint %s complete, %.1f s after it began", done.directory.name, done.seconds)
+        return done
+
+    def _write_listing(self, directory: Path) -> None:
+        """This rank's files, on disk (fsync) and listed with size and sha256."""
         # On disk before anything can be pruned in favour of it: a node dying with the shards still in its
         # page cache must not leave a marker over torn files and no older checkpoint.
         mine = _files_of(directory, self.rank)
@@ -228,8 +357,10 @@ class Checkpointer:
             _fsync(directory / rel)
         listing = {rel: {"bytes": (directory / rel).stat().st_size, "sha256": _sha256(directory / rel)} for rel in mine}
         _write_json_atomic(directory / f"files.rank{self.rank}.json", listing)
-        # Every rank's listing, by its hash, goes into the marker: gathered, since the ranks' files may lie
-        # in different places until the launcher persists them together.
+
+    def _complete(self, step: int, directory: Path) -> None:
+        """Every rank's listing, by its hash, goes into the marker (rank 0 writes it): gathered, since the
+        ranks' files may lie in different places until the launcher persists them together."""
         hashes = distributed.all_gather_object(_sha256(directory / f"files.rank{self.rank}.json"))
         if self.rank == 0:
             ranks = {str(r): h for r, h in enumerate(hashes)}
@@ -239,7 +370,6 @@ class Checkpointer:
                 os.replace(self.root / f"{LATEST}.tmp", self.root / LATEST)
                 self._prune(keep=directory)
         distributed.barrier()
-        return directory
 
     def _give_up(self, directory: Path, failure: OSError | None) -> None:
         """A save that cannot complete: its directory stays without a marker (never loaded, removed by the next

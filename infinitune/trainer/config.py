@@ -244,6 +244,12 @@ class CheckpointConfig:
     preemption_grace_s: float = 120.0
     """Seconds allowed, after SIGTERM/SIGUSR1, to reach a step boundary, save and exit."""
 
+    async_save: bool = False
+    """Write periodic checkpoints in the background: the loop is blocked only while each worker's share of the
+    state is copied into host memory (which needs that much free host memory), and the checkpoint counts
+    (marker, `latest`, pruning) at the first step boundary after every worker has written and hashed its
+    files. The save at the end and on preemption is always waited for."""
+
     def __post_init__(self):
         require(self.every_steps >= 0, "every_steps", f"must be >= 0; got {self.every_steps}")
         require(self.keep_last >= 1, "keep_last", f"must be >= 1; got {self.keep_last}")

@@ -24,7 +24,7 @@ from infinitune.data_pipeline.stream import BatchLayout, StatefulLoader, verify_
 from infinitune.data_pipeline.template import IGNORE
 from infinitune.data_pipeline.tokenizer import load_tokenizer, resolve_chat_template, tokenizer_fingerprint
 from infinitune.trainer import distributed, faults
-from infinitune.trainer.checkpoint import Checkpointer
+from infinitune.trainer.checkpoint import Checkpointer, Completed
 from infinitune.trainer.config import (
     CheckpointConfig,
     DeepSpeedConfig,
@@ -158,8 +158,11 @@ def train(spec: TrainerSpec, ctx: RunContext) -> int:
         if due and not preempted:
             stop = evaluate(w, spec, state, ctx)
         every = spec.checkpoint.every_steps
-        if preempted or stop or state.step == cfg.max_steps or (every and state.step % every == 0):
-            save(w, spec, state, ctx)
+        last = preempted or stop or state.step == cfg.max_steps
+        if last or (every and state.step % every == 0):
+            save(w, spec, state, ctx, background=spec.checkpoint.async_save and not last)
+        elif w.checkpointer.pending:  # a background save counts once every rank has written its files
+            completed(w, ctx, w.checkpointer.finish())
         if preempted:
             log.warning("stopped at step %d on %s with a complete checkpoint", state.step, w.preemption.signal_name)
             if w.preemption.seconds_left() < 0:
@@ -240,8 +243,9 @@ def evaluate(w: Workspace, spec: TrainerSpec, state: TrainState, ctx: RunContext
     return bool(patience and state.evals_without_improvement >= patience)
 
 
-def save(w: Workspace, spec: TrainerSpec, state: TrainState, ctx: RunContext) -> None:
+def save(w: Workspace, spec: TrainerSpec, state: TrainState, ctx: RunContext, background: bool = False) -> None:
     t0 = time.perf_counter()
+    completed(w, ctx, w.checkpointer.finish(block=True))  # one background save at a time
     trainer_state = {
         **state.state_dict(),
         "data": w.train_loader.state_dict(),
@@ -250,11 +254,21 @@ def save(w: Workspace, spec: TrainerSpec, state: TrainState, ctx: RunContext) ->
         "config": spec.resolved_config,
     }
     extra = w.adalora.state_dict() if w.adalora is not None else None
-    directory = w.checkpointer.save(state.step, w.engine, trainer_state, w.hf_files, extra)
+    directory = w.checkpointer.save(state.step, w.engine, trainer_state, w.hf_files, extra, background=background)
     blocked = time.perf_counter() - t0
     w.metrics.scalars(state.step, {"perf/checkpoint_s": blocked})
-    w.metrics.flush()  # a launcher that copies the logs at each checkpoint copies them whole
-    ctx.report(state.step, {"perf/checkpoint_s": blocked}, directory)
+    if directory is not None:
+        w.metrics.flush()  # a launcher that copies the logs at each checkpoint copies them whole
+        ctx.report(state.step, {"perf/checkpoint_s": blocked}, directory)
+
+
+def completed(w: Workspace, ctx: RunContext, done: Completed | None) -> None:
+    """A background save just completed: reported like any checkpoint, with how long it took to write."""
+    if done is None:
+        return
+    w.metrics.scalars(done.step, {"perf/checkpoint_write_s": done.seconds})
+    w.metrics.flush()
+    ctx.report(done.step, {"perf/checkpoint_write_s": done.seconds}, done.directory)
 
 
 @dataclass

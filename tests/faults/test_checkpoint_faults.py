@@ -37,10 +37,20 @@ def assert_same_losses(config, reference):
         assert abs(got[step] - want[step]) <= 1e-6, (step, got[step], want[step])
 
 
-def test_a_worker_killed_while_saving_leaves_the_previous_checkpoint_to_resume_from(setup, runs, reference):
+@pytest.mark.parametrize("background", [False, True], ids=["sync", "async"])
+def test_a_worker_killed_while_saving_leaves_the_previous_checkpoint_to_resume_from(setup, runs, reference, background):
     # keep_last 1: were anything deleted before the new checkpoint is complete, nothing would be left.
-    config = job_config(setup, runs, "killed-saving", train={"eval_every": 0}, checkpoint={"keep_last": 1})
+    # async: killed in the thread that writes the files, after the step loop has moved on.
+    config = job_config(
+        setup,
+        runs,
+        f"killed-saving-{background}",
+        train={"eval_every": 0},
+        checkpoint={"keep_last": 1, "async_save": background},
+    )
     assert run(config, env={"INFINITUNE_FAULT": "rank1:during_save:10"}) != 0
+    if background:  # checkpoint 5 was written while steps 6.. ran, and completed at a later step boundary
+        assert "checkpoint step_000005 complete" in logs(config)
     checkpoints = run_dir_of(config) / "checkpoints"
     assert checkpoint_problem(checkpoints / "step_000005", "sha256") is None  # complete, and still there
     assert checkpoint_problem(checkpoints / "step_000010") is not None  # half-written
@@ -49,8 +59,11 @@ def test_a_worker_killed_while_saving_leaves_the_previous_checkpoint_to_resume_f
     assert_same_losses(config, reference)
 
 
-def test_a_full_disk_during_a_save_fails_clearly_and_the_run_resumes(setup, runs, reference):
-    config = job_config(setup, runs, "disk-full", train={"eval_every": 0})
+@pytest.mark.parametrize("background", [False, True], ids=["sync", "async"])
+def test_a_full_disk_during_a_save_fails_clearly_and_the_run_resumes(setup, runs, reference, background):
+    config = job_config(
+        setup, runs, f"disk-full-{background}", train={"eval_every": 0}, checkpoint={"async_save": background}
+    )
     code = run(config, env={"INFINITUNE_FAULT": "rank1:during_save:10:enospc"})
     assert code not in (0, 137)
     text = logs(config)

@@ -98,15 +98,16 @@ def test_an_embedded_ray_job_finishes_and_persists_every_ranks_shards(reference,
 
 @pytest.mark.faults
 def test_a_killed_worker_is_restarted_and_the_losses_do_not_change(setup, runs, reference, tmp_path):
-    # With background saves: a checkpoint reaches Ray when it completes, a few steps after it began.
+    # With background saves: a checkpoint reaches Ray when it completes, a few steps after it began (at the
+    # latest when the next one begins: step 5's before step 10's; step 10's may still be being written).
     config = tiny_job(setup, runs, "ray-killed", checkpoint={"async_save": True})
-    env = {"INFINITUNE_FAULT": "rank1:after_step:9", "INFINITUNE_FAULT_ONCE": str(tmp_path / "fired")}
+    env = {"INFINITUNE_FAULT": "rank1:after_step:14", "INFINITUNE_FAULT_ONCE": str(tmp_path / "fired")}
     code, out = train_cli(config, env=env)
     assert code == 0, out[-5000:]
-    assert (tmp_path / "fired").exists()  # the worker was killed (SIGKILL) after step 9
+    assert (tmp_path / "fired").exists()  # the worker was killed (SIGKILL) after step 14
     logs = (run_dir_of(config) / "logs" / "rank0.log").read_text()
     assert "checkpoint step_000005 complete" in logs
-    assert "resumed from" in logs and "step_000005" in logs
+    assert re.search(r"resumed from \S+step_0000(05|10) ", logs)
     want, got = step_losses(reference), step_losses(config)
     assert sorted(got) == list(range(1, STEPS + 1))
     assert max(abs(got[s] - want[s]) for s in got) <= 1e-6

@@ -171,9 +171,16 @@ def test_a_background_save_writes_the_state_as_it_was_when_the_save_began(tmp_pa
         "optimizer": {"state": moments, "param_groups": [{"lr": 0.1, "betas": (0.9, 0.95)}]},
         "param_shapes": [OrderedDict(w=torch.Size([2, 5]))],
     }
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+
+    module = torch.nn.Linear(2, 2).state_dict()  # carries _metadata, the per-module versions
+    state["module"] = OrderedDict(w=flat[:10], **module)
+    state["module"]._metadata = module._metadata
+    state["loss_scaler"] = DynamicLossScaler(2.0**16, 1000, 1.0, 2, False)
     copy = snapshot(state)
     flat.add_(1000)  # the loop goes on training while the copy is written
     moments[0]["step"].add_(1)
+    state["loss_scaler"].cur_scale /= 2  # fp16's dynamic scale moves as the steps overflow
     torch.save(copy, tmp_path / "ck.pt")
     back = torch.load(tmp_path / "ck.pt", weights_only=False)  # as DeepSpeed loads its own files
     assert torch.equal(back["module"]["w"], torch.arange(10, dtype=torch.float32))
@@ -181,6 +188,8 @@ def test_a_background_save_writes_the_state_as_it_was_when_the_save_began(tmp_pa
     assert back["optimizer"]["state"][0]["step"].item() == 3.0
     assert back["module"]["w"].untyped_storage().nbytes() == 10 * 4  # not the whole flat buffer
     assert type(copy["module"]) is OrderedDict and type(copy["optimizer"]["state"]) is defaultdict
+    assert copy["module"]._metadata == module._metadata
+    assert copy["loss_scaler"].cur_scale == 2.0**16 != state["loss_scaler"].cur_scale
     assert type(copy["param_shapes"][0]["w"]) is torch.Size and copy["optimizer"]["param_groups"][0]["betas"] == (
         0.9,
         0.95,

@@ -17,6 +17,8 @@ one is reported and the previous one used. Our own files are read with `torch.lo
 
 from __future__ import annotations
 
+import copy
+import enum
 import errno
 import hashlib
 import json
@@ -28,7 +30,7 @@ import shutil
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,20 +53,30 @@ class CheckpointError(RuntimeError):
     pass
 
 
+_IMMUTABLE = (int, float, complex, bool, str, bytes, type(None), torch.Size, torch.dtype, torch.device, enum.Enum)
+
+
 def snapshot(state: Any) -> Any:
     """A copy of `state` in host memory that later training steps cannot change: every tensor copied (a view
-    to just its elements), dicts, lists and tuples rebuilt with their types; other values (torch.Size, numbers,
-    strings) kept as they are, since DeepSpeed's loaders rely on their types."""
+    to just its elements), dicts, lists and tuples rebuilt with their types (and a state dict's `_metadata`),
+    immutable values kept as they are (DeepSpeed's loaders rely on torch.Size), other objects deep-copied (fp16's
+    dynamic loss scaler, which changes every step)."""
     if isinstance(state, torch.Tensor):
         return state.detach().to("cpu", copy=True)
     if isinstance(state, dict):
         copied = {k: snapshot(v) for k, v in state.items()}
         if isinstance(state, defaultdict):
-            return type(state)(state.default_factory, copied)
-        return copied if type(state) is dict else type(state)(copied)
+            copied = type(state)(state.default_factory, copied)
+        elif type(state) is not dict:
+            copied = type(state)(copied)
+        if hasattr(state, "_metadata"):  # module.state_dict()'s per-module versions
+            copied._metadata = copy.deepcopy(state._metadata)
+        return copied
     if type(state) in (list, tuple):
         return type(state)(snapshot(v) for v in state)
-    return state
+    if isinstance(state, _IMMUTABLE):
+        return state
+    return copy.deepcopy(state)
 
 
 class _SnapshotEngine:
@@ -101,7 +113,7 @@ class _Pending:
     step: int
     directory: Path
     states: list[tuple[Any, str]]
-    started: float = field(default_factory=time.perf_counter)
+    started: float  # when the save began (perf_counter), the copy included
     thread: threading.Thread | None = None
     error: BaseException | None = None
 
@@ -265,6 +277,7 @@ class Checkpointer:
         `background`, None once the state is copied: the files are written by a thread and `finish()`
         completes the checkpoint. A save still in the background is finished first."""
         self.finish(block=True)
+        started = time.perf_counter()
         directory = step_dir(self.root, step)
         if self.rank == 0 or not self.shared:
             if directory.exists():  # debris of an attempt that died before completing: never loaded
@@ -298,7 +311,7 @@ class Checkpointer:
         if distributed.all_reduce(0 if failure is None else 1, op="max").item():
             self._give_up(directory, failure)
         if background:
-            self._pending = _Pending(step, directory, states)
+            self._pending = _Pending(step, directory, states, started)
             self._pending.thread = threading.Thread(
                 target=self._write_in_background, args=(self._pending,), name=f"checkpoint-{step}", daemon=True
             )
@@ -315,6 +328,7 @@ class Checkpointer:
 
     def _write_in_background(self, job: _Pending) -> None:
         try:
+            faults.maybe_fail("before_write", job.step, self.rank)
             while job.states:
                 state, path = job.states.pop(0)  # each copy freed once it is on disk
                 # The zip format, unlike DeepSpeed's default, lets the step loop run while bytes are written.

@@ -2,9 +2,9 @@
 
 Set INFINITUNE_FAULT to `POINT:STEP` or `rankR:POINT:STEP`, e.g. `after_step:7` (every rank, after step 7)
 or `rank1:during_save:10` (rank 1, halfway through writing checkpoint 10): the process is killed (SIGKILL).
-A trailing `:enospc` raises "No space left on device" there instead, as a full disk would. With
-INFINITUNE_FAULT_ONCE set to a file path, the fault fires once (the file records it), so a restarted worker
-runs on. Unset, nothing happens.
+A trailing `:enospc` raises "No space left on device" there instead, as a full disk would; `:slow` waits 3 s
+there, as a slow file system would. Several faults are separated by commas. With INFINITUNE_FAULT_ONCE set
+to a file path, a kill or a full disk happens once (the file records it), so a restarted worker runs on. Unset, nothing happens.
 """
 
 from __future__ import annotations
@@ -12,21 +12,27 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 
 
 def maybe_fail(point: str, step: int, rank: int) -> None:
-    spec = os.environ.get("INFINITUNE_FAULT")
-    if not spec:
-        return
+    for spec in filter(None, os.environ.get("INFINITUNE_FAULT", "").split(",")):
+        _maybe_fail(spec, point, step, rank)
+
+
+def _maybe_fail(spec: str, point: str, step: int, rank: int) -> None:
     parts = spec.split(":")
     if parts[0].startswith("rank"):
         if int(parts[0][4:]) != rank:
             return
         parts = parts[1:]
     action = "kill"
-    if parts and parts[-1] == "enospc":
-        action, parts = "enospc", parts[:-1]
+    if parts and parts[-1] in ("enospc", "slow"):
+        action, parts = parts[-1], parts[:-1]
     if parts != [point, str(step)]:
+        return
+    if action == "slow":
+        time.sleep(3.0)
         return
     once = os.environ.get("INFINITUNE_FAULT_ONCE")
     if once:

@@ -4,6 +4,8 @@ complete one was deleted first, and the resumed run repeats the uninterrupted ru
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from infinitune.trainer.checkpoint import checkpoint_problem
@@ -48,9 +50,14 @@ def test_a_worker_killed_while_saving_leaves_the_previous_checkpoint_to_resume_f
         train={"eval_every": 0},
         checkpoint={"keep_last": 1, "async_save": background},
     )
-    assert run(config, env={"INFINITUNE_FAULT": "rank1:during_save:10"}) != 0
-    if background:  # checkpoint 5 was written while steps 6.. ran, and completed at a later step boundary
-        assert "checkpoint step_000005 complete" in logs(config)
+    fault = "rank1:during_save:10"
+    if background:  # checkpoint 5's writer waits 3 s first: the loop trains on while its copy waits
+        fault = "before_write:5:slow," + fault
+    assert run(config, env={"INFINITUNE_FAULT": fault}) != 0
+    if background:
+        seconds = re.search(r"checkpoint step_000005 complete, ([\d.]+) s", logs(config))
+        assert seconds and float(seconds.group(1)) >= 3.0
+        assert max(step_losses(config)) >= 10
     checkpoints = run_dir_of(config) / "checkpoints"
     assert checkpoint_problem(checkpoints / "step_000005", "sha256") is None  # complete, and still there
     assert checkpoint_problem(checkpoints / "step_000010") is not None  # half-written

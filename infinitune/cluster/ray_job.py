@@ -106,6 +106,7 @@ class RayContext(RunContext):
         self.run_dir = run_dir
         self.storage = storage  # a URI: rank 0 copies TensorBoard logs and metrics there at every checkpoint
         self.stop = stop  # the driver's StopFlag actor: set when the driver is told to stop (SIGTERM, Ctrl-C)
+        self._asking = None  # the question to it in flight
 
     def checkpoint_root(self, run_dir: Path, rank: int) -> tuple[Path, bool]:
         import ray.train
@@ -156,8 +157,26 @@ class RayContext(RunContext):
         getter = getattr(ray.train, "get_preemption_info", None)
         if getter and getter() is not None:
             return True
-        # Rank 0 asks the driver (one small actor call per step); the loop's all-reduce tells the others.
-        return ray.train.get_context().get_world_rank() == 0 and self.stopped_by_driver()
+        # Rank 0 asks the driver; the loop's all-reduce tells the others.
+        return ray.train.get_context().get_world_rank() == 0 and self._driver_answered_stop()
+
+    def _driver_answered_stop(self) -> bool:
+        """Whether the driver's stop flag is set, without waiting on it at each step: one question stays in
+        flight and its answer is read at the first step boundary after it arrives."""
+        import ray
+
+        if self.stop is None:
+            return False
+        if self._asking is None:
+            self._asking = self.stop.get.remote()
+        ready, _ = ray.wait([self._asking], timeout=0)
+        if not ready:
+            return False
+        self._asking = None
+        try:
+            return ray.get(ready[0]) is not None
+        except Exception:  # the driver gone: Ray ends the workers anyway
+            return False
 
     def stopped_by_driver(self) -> bool:
         import ray

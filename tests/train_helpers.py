@@ -65,8 +65,10 @@ def job_config(setup: dict, run_root: Path, name: str = "run", **sections) -> Pa
 
 
 def run_dir_of(config: Path) -> Path:
+    """The run's local directory (with storage on a URI, the one under cluster.local_dir)."""
     cfg = yaml.safe_load(config.read_text())
-    return Path(cfg["cluster"]["storage_path"]) / cfg["name"]
+    storage = cfg["cluster"]["storage_path"]
+    return Path(cfg["cluster"].get("local_dir", "runs") if "://" in storage else storage) / cfg["name"]
 
 
 def start(config: Path, env: dict | None = None, nproc: int = 2):

@@ -108,6 +108,24 @@ def test_deepspeed_config_follows_our_sections():
     assert zero0["zero_optimization"] == {"stage": 0} and not zero0["bf16"]["enabled"]
 
 
+def test_zero3_reduce_bucket_is_sized_to_the_model():
+    from types import SimpleNamespace
+
+    from infinitune.trainer.model import size_zero3_buckets
+
+    def bucket(hidden, stage=3, **preset):
+        c = deepspeed_config(DeepSpeedConfig(zero_stage=stage), TrainConfig(), BatchLayout(8, 1, 1))
+        c["zero_optimization"].update(preset)
+        size_zero3_buckets(c, SimpleNamespace(hidden_size=hidden))
+        return c["zero_optimization"].get("reduce_bucket_size")
+
+    assert bucket(2048) == 1 << 24  # a 1B model: 64 MB in fp32, not DeepSpeed's 2 GB; small models the same
+    assert bucket(8192) == 8192 * 8192  # 70B-sized: hidden²
+    assert bucket(65536) == 500_000_000  # never above DeepSpeed's default
+    assert bucket(2048, reduce_bucket_size=123) == 123  # the user's own size is kept
+    assert bucket(2048, stage=2) is None  # ZeRO-1/2 keep DeepSpeed's
+
+
 def test_flops_count_parameters_and_causal_attention_per_document():
     from transformers import LlamaConfig
 

@@ -146,6 +146,8 @@ def load_causal_lm(cfg: ModelConfig, dtype: torch.dtype, ds_config: dict | None 
     # With the KV cache on, transformers skips the packed-sequence detection and documents silently attend
     # across their boundaries.
     config.use_cache = False
+    if ds_config is not None:
+        size_zero3_buckets(ds_config, config)
     if ds_config is not None and ds_config["zero_optimization"]["stage"] == 3:
         _HF_DEEPSPEED_CONFIG = HfDeepSpeedConfig(ds_config)
     else:
@@ -156,6 +158,22 @@ def load_causal_lm(cfg: ModelConfig, dtype: torch.dtype, ds_config: dict | None 
     if getattr(model, "hf_quantizer", None) is not None:  # a GGUF arrives flagged quantised though dequantised
         model.hf_quantizer.remove_quantization_config(model)
     return model
+
+
+ZERO3_DEFAULT_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default, in elements
+MIN_REDUCE_BUCKET = 1 << 24  # small models still reduce their gradients in few calls
+
+
+def size_zero3_buckets(ds_config: dict, config) -> None:
+    """ZeRO-3's gradient reduce bucket sized to the model: hidden_size² elements (transformers' "auto"), at
+    least 16M, at most DeepSpeed's 5e8. Every rank allocates the bucket whole (2 GB at DeepSpeed's default in
+    fp32, 1 GB in bf16), which for a small model is more than its gradients. A size set in the config is kept.
+    Called before anything reads the config (transformers' HfDeepSpeedConfig, then deepspeed.initialize)."""
+    zero = ds_config["zero_optimization"]
+    hidden = getattr(config, "hidden_size", None)
+    if zero["stage"] != 3 or not isinstance(hidden, int):
+        return
+    zero.setdefault("reduce_bucket_size", min(ZERO3_DEFAULT_REDUCE_BUCKET, max(hidden * hidden, MIN_REDUCE_BUCKET)))
 
 
 def load_whole() -> None:

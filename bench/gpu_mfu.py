@@ -77,7 +77,7 @@ def one_stage(args) -> dict:
     from infinitune.trainer.ds_config import deepspeed_config
     from infinitune.trainer.loop import train_step
     from infinitune.trainer.metrics import FlopCounter, device_peak_tflops
-    from infinitune.trainer.model import TokenLossModel
+    from infinitune.trainer.model import TokenLossModel, size_zero3_buckets
 
     distributed.init_distributed()
     import deepspeed
@@ -93,6 +93,7 @@ def one_stage(args) -> dict:
         TrainConfig(global_batch_size=layout.global_batch_size, micro_batch_size=args.micro),
         layout,
     )
+    size_zero3_buckets(ds_config, config)  # as the trainer does
     dtype = torch.bfloat16 if gpu else torch.float32
     t0 = time.perf_counter()
     if args.stage == 3:  # built partitioned, as the trainer's from_pretrained does, and initialised gathered

@@ -106,27 +106,30 @@ def test_a_killed_and_then_a_preempted_worker_are_restarted_and_the_losses_do_no
     there. The losses are the uninterrupted run's, and every sample is seen once in the epoch."""
     config = tiny_job(setup, runs, "ray-faults", checkpoint={"async_save": True})
     env = {"INFINITUNE_FAULT": "rank1:after_step:14", "INFINITUNE_FAULT_ONCE": str(tmp_path / "fired")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "infinitune.launcher.cli", "train", str(config)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, **env},
-    )
-    try:
-        wait_for_step(config, 30, timeout=400)
-        assert (tmp_path / "fired").exists()  # the worker was killed (SIGKILL) after step 14
-        log1 = (run_dir_of(config) / "logs" / "rank1.log").read_text()
-        pid = int(re.findall(r"worker rank 1 of 2: pid (\d+)", log1)[-1])  # the restarted one
-        os.kill(pid, signal.SIGTERM)
-        out, _ = proc.communicate(timeout=600)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, out[-5000:]
+    with open(tmp_path / "driver.out", "w+") as out:  # a file: a pipe left unread could fill and block the driver
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "infinitune.launcher.cli", "train", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
+        )
+        try:
+            wait_for_step(config, 30, timeout=400)
+            assert (tmp_path / "fired").exists()  # the worker was killed (SIGKILL) after step 14
+            log1 = (run_dir_of(config) / "logs" / "rank1.log").read_text()
+            pid = int(re.findall(r"worker rank 1 of 2: pid (\d+)", log1)[-1])  # the restarted one
+            os.kill(pid, signal.SIGTERM)
+            proc.wait(timeout=600)
+        finally:
+            proc.kill()
+        out.seek(0)
+        assert proc.returncode == 0, out.read()[-5000:]
     logs = (run_dir_of(config) / "logs" / "rank0.log").read_text()
     assert "checkpoint step_000005 complete" in logs
     assert re.search(r"resumed from \S+step_0000(05|10) ", logs)  # after the kill
-    stopped = int(re.search(r"stopped at step (\d+) on another rank.s request", logs).group(1))
+    preempted = re.search(r"stopped at step (\d+) on another rank.s request", logs)
+    assert preempted, "no coordinated save after the SIGTERM to the restarted rank 1"
+    stopped = int(preempted.group(1))
     assert "SIGTERM received" in (run_dir_of(config) / "logs" / "rank1.log").read_text()
     assert 30 <= stopped < STEPS and f"step_{stopped:06d} (step {stopped})" in logs  # saved at once, resumed there
     want, got = step_losses(reference), step_losses(config)
@@ -298,7 +301,7 @@ def test_a_run_on_s3_stopped_through_its_driver_resumes_from_s3_to_the_same_loss
     setup, runs, reference, tmp_path, s3_endpoint
 ):
     """Storage on S3 (a local moto server), the job on an embedded Ray cluster. SIGTERM to the driver (what a
-    scheduler or `ray job stop` sends): the workers save one complete checkpoint at the next step boundary, with
+    scheduler or `ray job stop` sends): the workers save one complete checkpoint within two step boundaries, with
     every rank's shards, into S3 and end; the driver exits 75 naming how to resume. `infinitune status` lists the
     checkpoint, `infinitune resume` continues from S3 to the uninterrupted run's losses (each sample once per
     epoch), and `infinitune export` fetches the newest checkpoint from S3."""
@@ -306,7 +309,7 @@ def test_a_run_on_s3_stopped_through_its_driver_resumes_from_s3_to_the_same_loss
     import torch
     from transformers import AutoModelForCausalLM
 
-    from infinitune.trainer.storage import remote_checkpoints
+    from infinitune.trainer.storage import fetch_checkpoint, remote_checkpoints
 
     local, uri = tmp_path / "local", "s3://bkt/runs/s3-run"
     config = tiny_job(
@@ -329,7 +332,7 @@ def test_a_run_on_s3_stopped_through_its_driver_resumes_from_s3_to_the_same_loss
     finally:
         driver.kill()
     assert driver.returncode == 75, out[-3000:]
-    assert "SIGTERM: the workers save at the next step boundary" in out
+    assert "SIGTERM: the workers save within two step boundaries" in out
     assert f"infinitune resume {run_dir}" in out and uri in out
     saved = [(s, c) for s, _, c in remote_checkpoints(uri)]
     assert len(saved) == 1 and saved[0][1] and 3 <= saved[0][0] < STEPS  # saved at once, not at the interval
@@ -341,26 +344,31 @@ def test_a_run_on_s3_stopped_through_its_driver_resumes_from_s3_to_the_same_loss
     assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= names  # every rank's shards
     assert {"files.rank0.json", "files.rank1.json", "COMPLETE.json"} <= names
     assert not (run_dir / "checkpoints").exists()  # nothing kept locally but config and logs
+    assert fetch_checkpoint(uri, tmp_path / "fetched", step=stopped).name == f"step_{stopped:06d}"  # sha256 checked
     status = json.loads(
         subprocess.run([*cli, "status", str(run_dir)], capture_output=True, text=True, check=True).stdout
     )
     assert [c["step"] for c in status["checkpoints"]] == [stopped]
 
-    resumed = subprocess.run([*cli, "resume", str(run_dir)], capture_output=True, text=True, env=env, timeout=600)
+    resumed = subprocess.run(  # with an override: keep one checkpoint, so the stopped one is pruned in S3
+        [*cli, "resume", str(run_dir), "checkpoint.keep_last=1"], capture_output=True, text=True, env=env, timeout=600
+    )
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-5000:]
     assert f"step {stopped})" in (run_dir / "logs" / "rank0.log").read_text()  # resumed from S3's checkpoint
     want, got = step_losses(reference), step_losses(config)
     assert sorted(got) == list(range(1, STEPS + 1))
     assert max(abs(got[s] - want[s]) for s in got) <= 1e-6
     assert_each_sample_once_per_epoch(config, setup)
-    assert [s for s, _, _ in remote_checkpoints(uri)] == [stopped, STEPS]
+    assert [s for s, _, _ in remote_checkpoints(uri)] == [STEPS]
     uploaded = [i.path for i in fs.get_file_info(pafs.FileSelector("bkt/runs/s3-run/tensorboard", recursive=True))]
     assert any("events.out.tfevents" in p for p in uploaded)
     with fs.open_input_stream("bkt/runs/s3-run/metrics.jsonl") as f:
         assert max(json.loads(line)["step"] for line in f.read().decode().splitlines()) == STEPS
 
     out_dir = tmp_path / "export"
-    exported = subprocess.run([*cli, "export", str(run_dir), "--out", str(out_dir)], capture_output=True, text=True)
+    exported = subprocess.run(
+        [*cli, "export", str(run_dir), "--out", str(out_dir)], capture_output=True, text=True, timeout=300
+    )
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert (run_dir / "fetched" / f"step_{STEPS:06d}" / "COMPLETE.json").is_file()
     model = AutoModelForCausalLM.from_pretrained(out_dir)

@@ -161,8 +161,9 @@ class RayContext(RunContext):
         return ray.train.get_context().get_world_rank() == 0 and self._driver_answered_stop()
 
     def _driver_answered_stop(self) -> bool:
-        """Whether the driver's stop flag is set, without waiting on it at each step: one question stays in
-        flight and its answer is read at the first step boundary after it arrives."""
+        """Whether the driver's stop flag is set, without waiting on it at each step: one question is always in
+        flight, its answer read at the first step boundary after it arrives and the next question sent at once,
+        so a stop is seen within two step boundaries."""
         import ray
 
         if self.stop is None:
@@ -172,7 +173,7 @@ class RayContext(RunContext):
         ready, _ = ray.wait([self._asking], timeout=0)
         if not ready:
             return False
-        self._asking = None
+        self._asking = self.stop.get.remote()
         try:
             return ray.get(ready[0]) is not None
         except Exception:  # the driver gone: Ray ends the workers anyway
@@ -298,8 +299,8 @@ class StopFlag:
 
 
 def _stop_on_signals(stop) -> dict:
-    """SIGTERM or Ctrl-C to the driver (a scheduler, `ray job stop`, the user): the workers save at the next
-    step boundary and end; a second one aborts at once."""
+    """SIGTERM or Ctrl-C to the driver (a scheduler, `ray job stop`, the user): the workers save within two step
+    boundaries and end; a second one aborts at once."""
     if threading.current_thread() is not threading.main_thread():
         return {}
     previous = {}
@@ -310,7 +311,7 @@ def _stop_on_signals(stop) -> dict:
         if asked:
             raise KeyboardInterrupt
         asked.append(name)
-        print(f"\n{name}: the workers save at the next step boundary and stop (again to abort)", flush=True)
+        print(f"\n{name}: the workers save within two step boundaries and stop (again to abort)", flush=True)
         stop.set.remote(name)
 
     for sig in (signal.SIGTERM, signal.SIGINT):

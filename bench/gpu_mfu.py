@@ -108,7 +108,7 @@ def one_stage(args) -> dict:
     if args.compile:  # each decoder layer compiled on its own (fuses norms, rotary, SwiGLU)
         for layer in lm.model.layers:
             layer.compile()
-    model = TokenLossModel(lm)
+    model = TokenLossModel(lm, args.loss_chunk)
     params = [p for p in model.parameters() if p.requires_grad]
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in params)
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=gpu)
@@ -155,6 +155,7 @@ def one_stage(args) -> dict:
         "accumulation": args.accumulation,
         "attention": args.attn,
         "compiled_layers": args.compile,
+        "loss_chunk_tokens": args.loss_chunk,
         "steps_timed": args.steps,
         "step_s": elapsed / args.steps,
         "tokens_per_s": tokens / elapsed,
@@ -197,6 +198,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="print a GPU profile of one step")
     ap.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
     ap.add_argument("--save-dir", default=None, help="also time one checkpoint save per stage into this directory")
+    ap.add_argument("--loss-chunk", type=int, default=0, help="model.loss_chunk_tokens (0: logits at once)")
     ap.add_argument("--async-save", action="store_true", help="time a background save (checkpoint.async_save)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()

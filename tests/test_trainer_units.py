@@ -81,6 +81,26 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert lr_factor(70, TrainConfig(schedule="constant", warmup_steps=0)) == 1.0
 
 
+def test_the_loss_in_chunks_equals_the_loss_at_once_and_so_do_its_gradients(tiny_model_dir):
+    """model.loss_chunk_tokens: the output layer and loss in pieces (recomputed in backward) give the loss and
+    every gradient of the whole micro-batch at once."""
+    lm = load_causal_lm(ModelConfig(path=str(tiny_model_dir)), torch.float32)
+    ids = torch.randint(3, 500, (2, 40), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :10] = -100  # 60 trained positions; with 7: 2 x 39 positions in 12 pieces, 5 trained each
+    pos = torch.arange(40).repeat(2, 1)
+    results = []
+    for chunk in (0, 7):
+        lm.zero_grad()
+        loss, n = TokenLossModel(lm, loss_chunk_tokens=chunk)(ids, labels, pos)
+        loss.backward()
+        results.append((loss.detach(), {k: p.grad.clone() for k, p in lm.named_parameters()}))
+    (whole, grads_whole), (chunked, grads_chunked) = results
+    assert int(n) == 60 and torch.allclose(whole, chunked, rtol=1e-6)
+    for name, g in grads_whole.items():  # float32 sums in another order: equal to 1e-5 of the gradient's scale
+        assert (g - grads_chunked[name]).abs().max() <= 1e-5 * g.abs().max(), name
+
+
 def test_deepspeed_config_follows_our_sections():
     layout = BatchLayout(16, 2, 2)
     c = deepspeed_config(

@@ -84,6 +84,12 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
 
+    loss_chunk_tokens: int = 0
+    """Run the output layer and loss over at most this many positions at once (a micro-batch of B sequences of
+    T tokens in ceil(B x T / this) pieces), each piece's logits recomputed in the backward pass, so that the
+    micro-batch's logits (trained positions x vocabulary: 8 GB in fp32 for 16k positions of a 128k vocabulary)
+    are never held whole. Costs the output layer's forward once more. 0: all at once."""
+
     adapter: AdapterConfig | None = None
     """Train a peft adapter instead of all weights (null: full fine-tuning)."""
 
@@ -95,6 +101,7 @@ class ModelConfig:
 
     def __post_init__(self):
         require(bool(self.path.strip()), "path", "must name a model directory, .gguf file or hub id")
+        require(self.loss_chunk_tokens >= 0, "loss_chunk_tokens", f"must be >= 0; got {self.loss_chunk_tokens}")
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from typing import Any
 
 import torch
@@ -38,29 +39,32 @@ class TokenLossModel(nn.Module):
     never attend to each other.
     """
 
-    def __init__(self, lm: nn.Module):
+    def __init__(self, lm: nn.Module, loss_chunk_tokens: int = 0):
         super().__init__()
         self.lm = lm
         config = getattr(lm, "config", None)
         self.plain_head = getattr(config, "model_type", None) in PLAIN_HEAD_TYPES
         self.prefix = prefix_length(lm)
         self.orth_reg_weight = _adalora_orth_reg_weight(lm)
+        self.loss_chunk_tokens = loss_chunk_tokens
 
     def forward(
         self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         targets = labels[:, 1:]
         keep = targets != IGNORE
-        if self.prefix:
-            hidden = prefix_decoder_forward(self.lm, input_ids, position_ids)
-            logits = self.lm.get_output_embeddings()(hidden[:, :-1][keep])
-        elif self.plain_head:
-            hidden = self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False)
-            logits = self.lm.get_output_embeddings()(hidden.last_hidden_state[:, :-1][keep])
+        if self.prefix or self.plain_head:
+            if self.prefix:
+                hidden = prefix_decoder_forward(self.lm, input_ids, position_ids)
+            else:
+                out = self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+                hidden = out.last_hidden_state
+            # As many pieces as the micro-batch's positions need, whatever this rank's number of trained ones.
+            chunks = math.ceil(keep.numel() / self.loss_chunk_tokens) if self.loss_chunk_tokens else 1
+            loss = chunked_head_loss(self.lm.get_output_embeddings(), hidden[:, :-1][keep], targets[keep], chunks)
         else:
             out = self.lm(input_ids=input_ids, position_ids=position_ids, use_cache=False)
-            logits = out.logits[:, :-1][keep]
-        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+            loss = F.cross_entropy(out.logits[:, :-1][keep].float(), targets[keep], reduction="sum")
         n = keep.sum()
         if self.orth_reg_weight and self.training:
             # AdaLoRA's orthogonality regulariser, which peft adds only when the model computes the loss from
@@ -68,6 +72,26 @@ class TokenLossModel(nn.Module):
             # trained tokens it weighs orth_reg_weight, as in peft (ZeRO-0: every rank holds the same adapters).
             loss = loss + self.orth_reg_weight * adalora_orth_reg(self.lm) * n
         return loss, n
+
+
+def _head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def chunked_head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunks: int) -> torch.Tensor:
+    """Summed cross-entropy of `head(hidden)` against `targets`, in `chunks` pieces of rows: each piece's logits
+    are dropped after its loss and recomputed in the backward pass, so only one piece's logits exist at a time.
+    Under ZeRO-3 the head gathers its weight at each call, so every rank must call it equally often: `chunks`
+    comes from the micro-batch's shape, which all ranks share, and a piece may be empty."""
+    if chunks <= 1:
+        return _head_loss(head, hidden, targets)
+    from torch.utils.checkpoint import checkpoint
+
+    parts = [
+        checkpoint(_head_loss, head, h, t, use_reentrant=False)
+        for h, t in zip(torch.tensor_split(hidden, chunks), torch.tensor_split(targets, chunks))
+    ]
+    return torch.stack(parts).sum()
 
 
 def _adalora_orth_reg_weight(lm: nn.Module) -> float:
@@ -199,7 +223,7 @@ def build_model(cfg: ModelConfig, ds: DeepSpeedConfig, ds_config: dict, seed: in
             layer.compile()
     if cfg.adapter is not None:
         model = apply_adapter(model, cfg.adapter, seed, total_steps)
-    return TokenLossModel(model)
+    return TokenLossModel(model, cfg.loss_chunk_tokens)
 
 
 # IA3 rescales the input of these (an MLP's output projection) rather than their output.

@@ -81,13 +81,19 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert lr_factor(70, TrainConfig(schedule="constant", warmup_steps=0)) == 1.0
 
 
-def test_the_loss_in_chunks_equals_the_loss_at_once_and_so_do_its_gradients(tiny_model_dir):
+@pytest.mark.parametrize("tied, trained_from", [(False, 10), (True, 10), (False, 35)])
+def test_the_loss_in_chunks_equals_the_loss_at_once_and_so_do_its_gradients(
+    tiny_model_dir, tmp_path, tiny_tokenizer_dir, tied, trained_from
+):
     """model.loss_chunk_tokens: the output layer and loss in pieces (recomputed in backward) give the loss and
-    every gradient of the whole micro-batch at once."""
-    lm = load_causal_lm(ModelConfig(path=str(tiny_model_dir)), torch.float32)
+    every gradient of the whole micro-batch at once; with tied embeddings too, and with pieces left empty."""
+    from infinitune.testing.tiny import save_tiny_llama
+
+    path = save_tiny_llama(tmp_path / "tied", tiny_tokenizer_dir, tie_embeddings=True) if tied else tiny_model_dir
+    lm = load_causal_lm(ModelConfig(path=str(path)), torch.float32)
     ids = torch.randint(3, 500, (2, 40), generator=torch.Generator().manual_seed(0))
     labels = ids.clone()
-    labels[:, :10] = -100  # 60 trained positions; with 7: 2 x 39 positions in 12 pieces, 5 trained each
+    labels[:, :trained_from] = -100  # with 7: 2 x 39 positions in 12 pieces (from 35: 10 trained, 2 pieces empty)
     pos = torch.arange(40).repeat(2, 1)
     results = []
     for chunk in (0, 7):
@@ -96,9 +102,22 @@ def test_the_loss_in_chunks_equals_the_loss_at_once_and_so_do_its_gradients(tiny
         loss.backward()
         results.append((loss.detach(), {k: p.grad.clone() for k, p in lm.named_parameters()}))
     (whole, grads_whole), (chunked, grads_chunked) = results
-    assert int(n) == 60 and torch.allclose(whole, chunked, rtol=1e-6)
+    assert int(n) == 2 * (39 - trained_from + 1) and torch.allclose(whole, chunked, rtol=1e-6)
     for name, g in grads_whole.items():  # float32 sums in another order: equal to 1e-5 of the gradient's scale
         assert (g - grads_chunked[name]).abs().max() <= 1e-5 * g.abs().max(), name
+
+
+def test_pieces_of_the_loss_are_refused_for_a_model_that_computes_its_own_logits(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from infinitune.trainer.model import build_model
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(tmp_path / "gpt2")
+    ds = DeepSpeedConfig(zero_stage=0, precision="fp32")
+    ds_config = deepspeed_config(ds, TrainConfig(), BatchLayout(8, 1, 1))
+    with pytest.raises(ValueError, match=r"model\.loss_chunk_tokens: GPT2LMHeadModel"):
+        build_model(ModelConfig(path=str(tmp_path / "gpt2"), loss_chunk_tokens=64), ds, ds_config, 0, 10)
+    assert build_model(ModelConfig(path=str(tmp_path / "gpt2")), ds, ds_config, 0, 10).lm is not None
 
 
 def test_deepspeed_config_follows_our_sections():

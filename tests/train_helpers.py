@@ -39,7 +39,7 @@ def job_config(setup: dict, run_root: Path, name: str = "run", **sections) -> Pa
     """A job config for the tiny setup (ZeRO-3, fp32, 2 workers) with section overrides merged in."""
     cfg = {
         "name": name,
-        # Chunks of 64 trained positions: the chunked loss runs under ZeRO-3 in every end-to-end test.
+        # The loss in pieces of 64 positions (4 per micro-batch) in every end-to-end test, under ZeRO-3 too.
         "model": {"path": setup["model"], "dtype": "float32", "loss_chunk_tokens": 64},
         "data": dict(setup["data"]),
         "train": {

@@ -86,9 +86,10 @@ class ModelConfig:
 
     loss_chunk_tokens: int = 0
     """Run the output layer and loss over at most this many positions at once (a micro-batch of B sequences of
-    T tokens in ceil(B x T / this) pieces), each piece's logits recomputed in the backward pass, so that the
-    micro-batch's logits (trained positions x vocabulary: 8 GB in fp32 for 16k positions of a 128k vocabulary)
-    are never held whole. Costs the output layer's forward once more. 0: all at once."""
+    T tokens in ceil(B x (T - 1) / this) pieces, the same on every rank), each piece's logits recomputed in the
+    backward pass, so that the micro-batch's logits (trained positions x vocabulary: 8 GB in fp32 for 16k
+    positions of a 128k vocabulary) are never held whole. Costs the output layer's forward once more. For
+    Llama, Mistral, Qwen and Phi-3 models and prefix tuning (others are refused). 0: all at once."""
 
     adapter: AdapterConfig | None = None
     """Train a peft adapter instead of all weights (null: full fine-tuning)."""

@@ -223,7 +223,13 @@ def build_model(cfg: ModelConfig, ds: DeepSpeedConfig, ds_config: dict, seed: in
             layer.compile()
     if cfg.adapter is not None:
         model = apply_adapter(model, cfg.adapter, seed, total_steps)
-    return TokenLossModel(model, cfg.loss_chunk_tokens)
+    wrapped = TokenLossModel(model, cfg.loss_chunk_tokens)
+    if cfg.loss_chunk_tokens and not (wrapped.plain_head or wrapped.prefix):
+        raise ValueError(
+            f"model.loss_chunk_tokens: {type(model).__name__} computes its logits in its own forward, which "
+            f"cannot be cut into pieces (supported: {', '.join(sorted(PLAIN_HEAD_TYPES))}); set it to 0"
+        )
+    return wrapped
 
 
 # IA3 rescales the input of these (an MLP's output projection) rather than their output.

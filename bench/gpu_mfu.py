@@ -11,6 +11,7 @@ blocked by it.
     python bench/gpu_mfu.py                     # one GPU: ZeRO 0 and 3, ~3 minutes
     python bench/gpu_mfu.py --tiny              # the same code on a CPU with a tiny model (a smoke test)
     python bench/gpu_mfu.py --save-dir /tmp/ck --async-save   # also the loop's block by a background save
+    bash bench/gpu_session.sh                   # the settings not yet measured on a GPU, ~8 minutes
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def one_stage(args) -> dict:
     from infinitune.trainer.ds_config import deepspeed_config
     from infinitune.trainer.loop import train_step
     from infinitune.trainer.metrics import FlopCounter, device_peak_tflops
-    from infinitune.trainer.model import TokenLossModel, size_zero3_buckets
+    from infinitune.trainer.model import TokenLossModel, compile_layers, size_zero3_buckets
 
     distributed.init_distributed()
     import deepspeed
@@ -105,10 +106,9 @@ def one_stage(args) -> dict:
     else:
         with torch.device(distributed.device()):
             lm = LlamaForCausalLM(config).to(dtype)
-    if args.compile:  # each decoder layer compiled on its own (fuses norms, rotary, SwiGLU)
-        for layer in lm.model.layers:
-            layer.compile()
-    model = TokenLossModel(lm, args.loss_chunk)
+    if args.compile:  # each decoder layer compiled on its own (fuses norms, rotary, SwiGLU), as the trainer does
+        compile_layers(lm, zero3=args.stage == 3)
+    model = TokenLossModel(lm, args.loss_chunk, compile_loss=args.compile)
     params = [p for p in model.parameters() if p.requires_grad]
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in params)
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=gpu)
@@ -196,7 +196,7 @@ def main() -> None:
     ap.add_argument("--attn", default="sdpa")
     ap.add_argument("--tiny", action="store_true", help="a tiny model (smoke test on a CPU)")
     ap.add_argument("--profile", action="store_true", help="print a GPU profile of one step")
-    ap.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
+    ap.add_argument("--compile", action="store_true", help="model.compile_layers: each decoder layer, and the loss")
     ap.add_argument("--save-dir", default=None, help="also time one checkpoint save per stage into this directory")
     ap.add_argument("--loss-chunk", type=int, default=0, help="model.loss_chunk_tokens (0: logits at once)")
     ap.add_argument("--async-save", action="store_true", help="time a background save (checkpoint.async_save)")

@@ -6,7 +6,9 @@ batches prepared in memory beforehand. Ours: the real worker (`python -m infinit
 1) with its data stream, DeepSpeed engine (ZeRO stage 0, then 3), metrics and all; its per-step
 perf/trained_tokens_per_s from metrics.jsonl. Steps after the first few are compared by their median.
 
-    python bench/trainer_overhead.py [--steps 30] [--data ../shared/data/alpaca_en_demo.json]
+    python bench/trainer_overhead.py [--steps 30] [--data ../shared/data/alpaca_en_demo.json] [--compile]
+
+--compile adds both stages with model.compile_layers (each decoder layer torch.compile'd).
 """
 
 from __future__ import annotations
@@ -54,16 +56,17 @@ def plain_loop(model_dir: str, shards: str, steps: int, threads: int) -> list[fl
     return rates
 
 
-def our_loop(setup: dict, root: Path, stage: int, steps: int) -> list[float]:
+def our_loop(setup: dict, root: Path, stage: int, steps: int, compiled: bool = False) -> list[float]:
     import yaml
 
     from infinitune.launcher.local import start_workers, wait_workers
 
-    run_dir = root / f"zero{stage}"
+    name = f"zero{stage}" + ("_compiled" if compiled else "")
+    run_dir = root / name
     run_dir.mkdir(parents=True, exist_ok=True)
     config = {
-        "name": f"zero{stage}",
-        "model": {"path": setup["model"], "dtype": "float32"},
+        "name": name,
+        "model": {"path": setup["model"], "dtype": "float32", "compile_layers": compiled},
         "data": {
             "sources": [{"path": "unused"}],
             "seq_len": SEQ_LEN,
@@ -98,6 +101,7 @@ def main() -> None:
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "alpaca_en_demo.json"))
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--compile", action="store_true", help="also each stage with model.compile_layers")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "trainer_overhead.json"))
     args = ap.parse_args()
 
@@ -138,7 +142,10 @@ def main() -> None:
         )
         setup = {"model": str(model), "shards": shards}
         plain_a = plain_loop(str(model), shards, args.steps, threads)[WARMUP:]
-        ours = {stage: our_loop(setup, root, stage, args.steps)[WARMUP:] for stage in (0, 3)}
+        ours = {f"zero{stage}": our_loop(setup, root, stage, args.steps)[WARMUP:] for stage in (0, 3)}
+        if args.compile:  # the first steps compile (WARMUP skips them)
+            for stage in (0, 3):
+                ours[f"zero{stage}_compiled"] = our_loop(setup, root, stage, args.steps, compiled=True)[WARMUP:]
         plain_b = plain_loop(str(model), shards, args.steps, threads)[WARMUP:]  # again: the machine drifts
     plain = statistics.median(plain_a + plain_b)
     results = {
@@ -147,8 +154,8 @@ def main() -> None:
         "seq_len": SEQ_LEN,
         "micro_batch": MICRO,
         "plain_trained_tokens_per_s": plain,
-        **{f"zero{s}_trained_tokens_per_s": statistics.median(r) for s, r in ours.items()},
-        **{f"zero{s}_ratio": statistics.median(r) / plain for s, r in ours.items()},
+        **{f"{s}_trained_tokens_per_s": statistics.median(r) for s, r in ours.items()},
+        **{f"{s}_ratio": statistics.median(r) / plain for s, r in ours.items()},
     }
     print(json.dumps(results, indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

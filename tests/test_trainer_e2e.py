@@ -154,6 +154,29 @@ def test_a_damaged_checkpoint_is_skipped_for_the_one_before(setup, runs, referen
     assert len(list((run_dir_of(config) / "checkpoints").glob("step_000012.set-aside-*"))) == 1
 
 
+def test_compiled_layers_under_zero3_continue_the_reference_run(setup, runs, reference):
+    # Steps 11-12 from the reference's checkpoint of step 10 with each decoder layer and the loss compiled, then
+    # an eval (loss and generations). Compiled layers under ZeRO-3 once broke the graph at every linear and norm
+    # (DeepSpeed's hooks), each break logged here, until torch's recompile limit sent them back to eager; made
+    # DeepSpeed leaf modules they compile whole.
+    config = job_config(setup, runs, "compiled", model={"compile_layers": True})
+    shutil.copytree(run_dir_of(reference) / "checkpoints", run_dir_of(config) / "checkpoints")
+    shutil.rmtree(run_dir_of(config) / "checkpoints" / "step_000012")
+    (run_dir_of(config) / "checkpoints" / "latest").write_text("step_000010")
+    assert run(config, env={"TORCH_LOGS": "graph_breaks,recompiles"}) == 0, logs(config)
+    text = logs(config)
+    assert "step_000010 (step 10)" in text
+    want, got = step_losses(reference), step_losses(config)
+    assert sorted(got) == [11, 12]
+    for step in (11, 12):
+        assert abs(got[step] - want[step]) <= 1e-5, (step, got[step], want[step])
+    assert "Graph break" not in text and "recompile_limit" not in text  # never fell back to eager
+    # Compiled, and compiled again for the eval's no_grad forward: the layers and the loss both ran under dynamo.
+    assert "Recompiling function forward" in text and "Recompiling function cross_entropy_sum" in text
+    rows = [json.loads(line) for line in (run_dir_of(config) / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval/loss" in row and row["step"] == 12 for row in rows)
+
+
 def test_lora_trains_and_exports_merged(setup, runs, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM

@@ -107,6 +107,41 @@ def test_the_loss_in_chunks_equals_the_loss_at_once_and_so_do_its_gradients(
         assert (g - grads_chunked[name]).abs().max() <= 1e-5 * g.abs().max(), name
 
 
+def test_the_compiled_loss_equals_the_eager_one_in_pieces_and_in_bfloat16(tiny_model_dir):
+    """model.compile_layers compiles the cross-entropy too: same loss and gradients as eager, through the
+    pieces' recomputation, and computed in float32 from bfloat16 logits as the eager one is."""
+    from infinitune.trainer.model import cross_entropy_sum
+
+    lm = load_causal_lm(ModelConfig(path=str(tiny_model_dir)), torch.float32)
+    ids = torch.randint(3, 500, (2, 40), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[:, :10] = -100
+    pos = torch.arange(40).repeat(2, 1)
+    results = []
+    for model in (TokenLossModel(lm), TokenLossModel(lm, loss_chunk_tokens=7, compile_loss=True)):
+        lm.zero_grad()
+        loss, _ = model(ids, labels, pos)
+        loss.backward()
+        results.append((loss.detach(), {k: p.grad.clone() for k, p in lm.named_parameters()}))
+    (eager, grads_eager), (compiled, grads_compiled) = results
+    assert torch.allclose(eager, compiled, rtol=1e-6)
+    for name, g in grads_eager.items():
+        assert (g - grads_compiled[name]).abs().max() <= 1e-5 * g.abs().max(), name
+
+    logits = (torch.randn(50, 300, generator=torch.Generator().manual_seed(2)) * 4).bfloat16().requires_grad_()
+    targets = torch.randint(0, 300, (50,), generator=torch.Generator().manual_seed(3))
+    compiled_ce = torch.compile(cross_entropy_sum, dynamic=True)
+    outs = []
+    for ce in (cross_entropy_sum, compiled_ce):
+        logits.grad = None
+        loss = ce(logits, targets)
+        loss.backward()
+        outs.append((loss.detach(), logits.grad.clone()))
+    assert outs[0][0].dtype == outs[1][0].dtype == torch.float32
+    assert torch.allclose(outs[0][0], outs[1][0], rtol=1e-5)
+    assert outs[1][1].dtype == torch.bfloat16 and torch.allclose(outs[0][1].float(), outs[1][1].float(), atol=1e-2)
+
+
 def test_pieces_of_the_loss_are_refused_for_a_model_that_computes_its_own_logits(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -69,12 +69,6 @@ class JobConfig:
                 f"got {self.train.global_batch_size}",
             )
 
-        if self.model.compile_layers and self.deepspeed.zero_stage == 3:
-            raise ConfigError(
-                "model.compile_layers",
-                "compiled layers failed under ZeRO-3's parameter hooks; use zero_stage 0-2",
-            )
-
         adapter = self.model.adapter
         if adapter is not None and adapter.method == "adalora" and self.deepspeed.zero_stage > 0:
             raise ConfigError(

@@ -176,7 +176,8 @@ def generate(
     was_training = lm.training
     lm.eval()
     answers: list[str] = []
-    with torch.no_grad():
+    # Compiled layers (model.compile_layers) run eagerly here: decoding changes shapes and the cache every token.
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
         for lo in range(0, len(prompts), batch_size):
             batch = prompts[lo : lo + batch_size]
             width = max(len(p) for p in batch)

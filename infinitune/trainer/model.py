@@ -39,9 +39,12 @@ class TokenLossModel(nn.Module):
     never attend to each other.
     """
 
-    def __init__(self, lm: nn.Module, loss_chunk_tokens: int = 0):
+    def __init__(self, lm: nn.Module, loss_chunk_tokens: int = 0, compile_loss: bool = False):
         super().__init__()
         self.lm = lm
+        # Compiled, the upcast, log-softmax and gather fuse: the loss keeps the logits as they are and one
+        # log-sum-exp per position for the backward pass, instead of a float32 log-softmax as large as the logits.
+        self.cross_entropy = torch.compile(cross_entropy_sum, dynamic=True) if compile_loss else cross_entropy_sum
         config = getattr(lm, "config", None)
         self.plain_head = getattr(config, "model_type", None) in PLAIN_HEAD_TYPES
         self.prefix = prefix_length(lm)
@@ -61,10 +64,11 @@ class TokenLossModel(nn.Module):
                 hidden = out.last_hidden_state
             # As many pieces as the micro-batch's positions need, whatever this rank's number of trained ones.
             chunks = math.ceil(keep.numel() / self.loss_chunk_tokens) if self.loss_chunk_tokens else 1
-            loss = chunked_head_loss(self.lm.get_output_embeddings(), hidden[:, :-1][keep], targets[keep], chunks)
+            head = self.lm.get_output_embeddings()
+            loss = chunked_head_loss(head, hidden[:, :-1][keep], targets[keep], chunks, self.cross_entropy)
         else:
             out = self.lm(input_ids=input_ids, position_ids=position_ids, use_cache=False)
-            loss = F.cross_entropy(out.logits[:, :-1][keep].float(), targets[keep], reduction="sum")
+            loss = self.cross_entropy(out.logits[:, :-1][keep], targets[keep])
         n = keep.sum()
         if self.orth_reg_weight and self.training:
             # AdaLoRA's orthogonality regulariser, which peft adds only when the model computes the loss from
@@ -74,21 +78,28 @@ class TokenLossModel(nn.Module):
         return loss, n
 
 
-def _head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy, computed in float32 whatever the logits' dtype."""
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
-def chunked_head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunks: int) -> torch.Tensor:
+def _head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, cross_entropy) -> torch.Tensor:
+    return cross_entropy(head(hidden), targets)
+
+
+def chunked_head_loss(
+    head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunks: int, cross_entropy=cross_entropy_sum
+) -> torch.Tensor:
     """Summed cross-entropy of `head(hidden)` against `targets`, in `chunks` pieces of rows: each piece's logits
     are dropped after its loss and recomputed in the backward pass, so only one piece's logits exist at a time.
     Under ZeRO-3 the head gathers its weight at each call, so every rank must call it equally often: `chunks`
     comes from the micro-batch's shape, which all ranks share, and a piece may be empty."""
     if chunks <= 1:
-        return _head_loss(head, hidden, targets)
+        return _head_loss(head, hidden, targets, cross_entropy)
     from torch.utils.checkpoint import checkpoint
 
     parts = [
-        checkpoint(_head_loss, head, h, t, use_reentrant=False)
+        checkpoint(_head_loss, head, h, t, cross_entropy, use_reentrant=False)
         for h, t in zip(torch.tensor_split(hidden, chunks), torch.tensor_split(targets, chunks))
     ]
     return torch.stack(parts).sum()
@@ -216,20 +227,34 @@ def build_model(cfg: ModelConfig, ds: DeepSpeedConfig, ds_config: dict, seed: in
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.compile_layers:
-        layers = getattr(model.get_decoder(), "layers", None)
-        if layers is None:
-            raise ValueError(f"model.compile_layers: {type(model).__name__} has no decoder `layers` to compile")
-        for layer in layers:
-            layer.compile()
+        compile_layers(model, zero3=ds.zero_stage == 3)
     if cfg.adapter is not None:
         model = apply_adapter(model, cfg.adapter, seed, total_steps)
-    wrapped = TokenLossModel(model, cfg.loss_chunk_tokens)
+    wrapped = TokenLossModel(model, cfg.loss_chunk_tokens, compile_loss=cfg.compile_layers)
     if cfg.loss_chunk_tokens and not (wrapped.plain_head or wrapped.prefix):
         raise ValueError(
             f"model.loss_chunk_tokens: {type(model).__name__} computes its logits in its own forward, which "
             f"cannot be cut into pieces (supported: {', '.join(sorted(PLAIN_HEAD_TYPES))}); set it to 0"
         )
     return wrapped
+
+
+def compile_layers(model, zero3: bool) -> None:
+    """torch.compile each decoder layer's forward, one graph per layer.
+
+    The forward is compiled rather than the module call, so module hooks run eagerly around it. Under ZeRO-3 each
+    layer is also made a DeepSpeed leaf module: its parameters are gathered and released together by hooks on
+    the layer alone, instead of hooks on every linear and norm inside it, each of which would break the graph
+    (and fall back to eager after torch's recompile limit)."""
+    layers = getattr(model.get_decoder(), "layers", None)
+    if layers is None:
+        raise ValueError(f"model.compile_layers: {type(model).__name__} has no decoder `layers` to compile")
+    for layer in layers:
+        if zero3:
+            from deepspeed.utils import set_z3_leaf_module
+
+            set_z3_leaf_module(layer, True)
+        layer.forward = torch.compile(layer.forward)
 
 
 # IA3 rescales the input of these (an MLP's output projection) rather than their output.

@@ -288,6 +288,45 @@ def test_a_background_save_writes_the_state_as_it_was_when_the_save_began(tmp_pa
     )
 
 
+def test_a_state_whose_copy_would_not_fit_in_host_memory_is_written_at_once(monkeypatch, tmp_path):
+    """A background save copies each state dict DeepSpeed hands it into host memory; one that would not fit
+    (with the reserve to spare) goes to the real engine at once instead, as a synchronous save would."""
+    from infinitune.trainer import checkpoint
+
+    written = []
+
+    class Engine:  # DeepSpeed's checkpoint engine: save(state_dict, path)
+        def save(self, state_dict, path):
+            written.append(path)
+
+    big = {"optimizer": {"exp_avg": torch.zeros(1000), "steps": [torch.zeros(10, dtype=torch.int64)]}}
+    assert checkpoint.tensor_bytes(big) == 1000 * 4 + 10 * 8
+    free = checkpoint.SNAPSHOT_RESERVE_BYTES + 3000  # room for a 3000-byte copy, not for a 4080-byte one
+    monkeypatch.setattr(checkpoint, "host_memory_available", lambda: free)
+    engine = checkpoint._SnapshotEngine(Engine(), step=5, rank=0)
+    engine.save({"w": torch.zeros(100)}, "small.pt")  # 400 bytes: copied, written later by the thread
+    engine.save(big, "big.pt")
+    assert written == ["big.pt"] and engine.written_now == [4080]
+    assert [path for _, path in engine.pending] == ["small.pt"]
+
+    monkeypatch.setattr(checkpoint, "host_memory_available", lambda: 2**40)
+    monkeypatch.setenv("INFINITUNE_FAULT", "rank1:snapshot:5:nomem")  # the tests' way to run out, on rank 1
+    engine = checkpoint._SnapshotEngine(Engine(), step=5, rank=1)
+    engine.save({"w": torch.zeros(100)}, "rank1.pt")
+    assert written[-1] == "rank1.pt" and not engine.pending
+    engine = checkpoint._SnapshotEngine(Engine(), step=5, rank=0)  # not the rank the fault names
+    engine.save({"w": torch.zeros(1)}, "rank0.pt")
+    assert written[-1] == "rank1.pt" and [path for _, path in engine.pending] == ["rank0.pt"]
+
+
+def test_host_memory_available_is_positive_and_no_more_than_the_system_has():
+    import psutil
+
+    from infinitune.trainer.checkpoint import host_memory_available
+
+    assert 0 < host_memory_available() <= psutil.virtual_memory().total
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir):
     from infinitune.trainer.model import build_model
 

@@ -79,13 +79,64 @@ def snapshot(state: Any) -> Any:
     return copy.deepcopy(state)
 
 
+# A background save's copy must leave this much host memory free (the rest of the process, the system).
+SNAPSHOT_RESERVE_BYTES = 2 * 2**30
+
+_CGROUP_MEMORY = (  # (limit, usage, stat, the stat's reclaimable page cache) for cgroup v2, then v1
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat", "inactive_file"),
+    (
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+        "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+        "/sys/fs/cgroup/memory/memory.stat",
+        "total_inactive_file",
+    ),
+)
+
+
+def host_memory_available() -> int:
+    """Bytes of host memory this process can still take: the system's available memory, or less where a
+    container's memory limit (cgroup) is nearer; its inactive page cache counts as free, as the kernel
+    reclaims it before the limit kills anything."""
+    import psutil
+
+    available = psutil.virtual_memory().available
+    for limit_file, usage_file, stat_file, reclaimable in _CGROUP_MEMORY:
+        try:
+            limit = Path(limit_file).read_text().strip()
+            usage = int(Path(usage_file).read_text())
+            stat = dict(line.split() for line in Path(stat_file).read_text().splitlines() if line.count(" ") == 1)
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit():
+            available = min(available, int(limit) - usage + int(stat.get(reclaimable, 0)))
+        break
+    return available
+
+
+def tensor_bytes(state: Any) -> int:
+    """Bytes of the tensors in a (nested) state dict: what `snapshot` copies."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(tensor_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(tensor_bytes(v) for v in state)
+    return 0
+
+
 class _SnapshotEngine:
     """Stands in for DeepSpeed's checkpoint engine during one background save: each state dict DeepSpeed
-    hands it is copied (`snapshot`) and kept for the writer thread; everything else goes to the real one."""
+    hands it is copied (`snapshot`) and kept for the writer thread; everything else goes to the real one.
 
-    def __init__(self, inner):
+    A state dict whose copy would not fit in host memory (with SNAPSHOT_RESERVE_BYTES to spare) is written
+    at once by the real engine instead, as a synchronous save would: the loop waits longer, but the process
+    is not killed for memory and the ranks stay in step through DeepSpeed's save."""
+
+    def __init__(self, inner, step: int, rank: int):
         self.inner = inner
+        self.step, self.rank = step, rank
         self.pending: list[tuple[Any, str]] = []
+        self.written_now: list[int] = []  # bytes of each state dict written at once for want of memory
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -94,6 +145,14 @@ class _SnapshotEngine:
         return False  # `snapshot` copies every tensor; DeepSpeed need not clone them first
 
     def save(self, state_dict, path: str) -> None:
+        size = tensor_bytes(state_dict)
+        if (
+            faults.injected("snapshot", self.step, self.rank, "nomem")
+            or size + SNAPSHOT_RESERVE_BYTES > host_memory_available()
+        ):
+            self.inner.save(state_dict, path)
+            self.written_now.append(size)
+            return
         self.pending.append((snapshot(state_dict), path))
 
 
@@ -286,14 +345,26 @@ class Checkpointer:
         distributed.barrier()
         real = engine.checkpoint_engine
         if background:
-            engine.checkpoint_engine = _SnapshotEngine(real)
+            engine.checkpoint_engine = _SnapshotEngine(real, step, self.rank)
         try:
             engine.save_checkpoint(
                 str(self.root), tag=directory.name, save_latest=False, exclude_frozen_parameters=self.trainable_only
             )
         finally:
-            states = engine.checkpoint_engine.pending if background else []
+            snapshots = engine.checkpoint_engine
+            states = snapshots.pending if background else []
             engine.checkpoint_engine = real
+        if background and snapshots.written_now:
+            log.warning(
+                "checkpoint %s: not enough free host memory to copy %d of this rank's %d state files "
+                "(%.2f GB) for the background save; wrote them before the loop went on, as a synchronous save "
+                "does (blocked %.1f s so far)",
+                directory.name,
+                len(snapshots.written_now),
+                len(snapshots.written_now) + len(states),
+                sum(snapshots.written_now) / 1e9,
+                time.perf_counter() - started,
+            )
         failure: OSError | None = None
         try:
             torch.save(rng_state(), directory / f"rng.rank{self.rank}.pt")

@@ -3,7 +3,8 @@
 Set INFINITUNE_FAULT to `POINT:STEP` or `rankR:POINT:STEP`, e.g. `after_step:7` (every rank, after step 7)
 or `rank1:during_save:10` (rank 1, halfway through writing checkpoint 10): the process is killed (SIGKILL).
 A trailing `:enospc` raises "No space left on device" there instead, as a full disk would; `:slow` waits 3 s
-there, as a slow file system would. Several faults are separated by commas. With INFINITUNE_FAULT_ONCE set
+there, as a slow file system would; `:nomem` makes a background save find no host memory to copy the state
+into there (point `snapshot`). Several faults are separated by commas. With INFINITUNE_FAULT_ONCE set
 to a file path, a kill or a full disk happens once (the file records it), so a restarted worker runs on. Unset, nothing happens.
 """
 
@@ -20,16 +21,29 @@ def maybe_fail(point: str, step: int, rank: int) -> None:
         _maybe_fail(spec, point, step, rank)
 
 
-def _maybe_fail(spec: str, point: str, step: int, rank: int) -> None:
+def injected(point: str, step: int, rank: int, action: str) -> bool:
+    """Whether a fault with this action (one that is not a kill or an error, e.g. `nomem`) is set here."""
+    return any(
+        _matches(spec, point, step, rank) == action for spec in os.environ.get("INFINITUNE_FAULT", "").split(",")
+    )
+
+
+def _matches(spec: str, point: str, step: int, rank: int) -> str | None:
+    """The action of `spec` if it names this point, step and rank, else None."""
     parts = spec.split(":")
     if parts[0].startswith("rank"):
         if int(parts[0][4:]) != rank:
-            return
+            return None
         parts = parts[1:]
     action = "kill"
-    if parts and parts[-1] in ("enospc", "slow"):
+    if parts and parts[-1] in ("enospc", "slow", "nomem"):
         action, parts = parts[-1], parts[:-1]
-    if parts != [point, str(step)]:
+    return action if parts == [point, str(step)] else None
+
+
+def _maybe_fail(spec: str, point: str, step: int, rank: int) -> None:
+    action = _matches(spec, point, step, rank)
+    if action is None or action == "nomem":
         return
     if action == "slow":
         time.sleep(3.0)

@@ -51,13 +51,19 @@ def test_a_worker_killed_while_saving_leaves_the_previous_checkpoint_to_resume_f
         checkpoint={"keep_last": 1, "async_save": background},
     )
     fault = "rank1:during_save:10"
-    if background:  # checkpoint 5's writer waits 3 s first: the loop trains on while its copy waits
-        fault = "before_write:5:slow," + fault
+    if background:
+        # Checkpoint 5's writer waits 3 s first: the loop trains on while its copy waits. And rank 1 finds no
+        # host memory for its copy of checkpoint 5, so it writes its files at once: the resume below reads a
+        # checkpoint written half from copies, half directly.
+        fault = "before_write:5:slow,rank1:snapshot:5:nomem," + fault
     assert run(config, env={"INFINITUNE_FAULT": fault}) != 0
     if background:
         seconds = re.search(r"checkpoint step_000005 complete, ([\d.]+) s", logs(config))
         assert seconds and float(seconds.group(1)) >= 3.0
         assert max(step_losses(config)) >= 10
+        rank1 = (run_dir_of(config) / "logs" / "rank1.log").read_text()
+        rank0 = (run_dir_of(config) / "logs" / "rank0.log").read_text()
+        assert "step_000005: not enough free host memory" in rank1 and "not enough free" not in rank0
     checkpoints = run_dir_of(config) / "checkpoints"
     assert checkpoint_problem(checkpoints / "step_000005", "sha256") is None  # complete, and still there
     assert checkpoint_problem(checkpoints / "step_000010") is not None  # half-written

@@ -16,6 +16,14 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def infinitune_cache(tmp_path_factory) -> Path:
+    """The tests' own cache of converted files (GGUF tokenizers), shared by every process they start."""
+    path = tmp_path_factory.mktemp("infinitune_cache")
+    os.environ["INFINITUNE_CACHE"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     from infinitune.testing.tiny import train_tiny_tokenizer

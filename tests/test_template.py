@@ -162,3 +162,40 @@ def test_an_answer_token_merged_with_the_prompts_space_is_trained(tiny_tokenizer
     ((ids, labels),) = enc.encode([conv])
     trained = tiny_tokenizer.decode(ids[labels != IGNORE])
     assert trained.strip() == "4<|im_end|>"
+
+
+@needs_smollm2
+def test_a_gguf_tokenizer_is_converted_once_then_read_from_the_cache(
+    smol_tokenizer, infinitune_cache, monkeypatch, caplog
+):
+    """Converting SmolLM2's GGUF tokenizer takes ~12 s in every process that loads it (each worker, at each
+    restart): the first conversion (the fixture's) is cached, later loads read the cache, a damaged cache
+    entry is converted again and replaced."""
+    import transformers
+
+    from infinitune.data_pipeline.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+    (entry,) = (infinitune_cache / "gguf-tokenizers").iterdir()
+    assert (entry / "tokenizer.json").is_file()
+    calls = []
+    real = transformers.AutoTokenizer.from_pretrained
+
+    def spy(source, **kwargs):
+        calls.append((str(source), kwargs.get("gguf_file")))
+        if kwargs.get("gguf_file"):  # a conversion: the fixture's result stands in for another 12 s of it
+            return smol_tokenizer
+        return real(source, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", spy)
+    again = load_tokenizer("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert calls == [(str(entry), None)]  # from the cache, not converted
+    assert tokenizer_fingerprint(again) == tokenizer_fingerprint(smol_tokenizer)
+    assert again.chat_template == smol_tokenizer.chat_template
+
+    (entry / "tokenizer.json").write_text("{not json")
+    calls.clear()
+    with caplog.at_level("WARNING"):
+        repaired = load_tokenizer("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert "unreadable" in caplog.text and calls[0] == (str(entry), None) and calls[1][1].endswith(".gguf")
+    assert tokenizer_fingerprint(repaired) == tokenizer_fingerprint(smol_tokenizer)
+    assert tokenizer_fingerprint(real(str(entry))) == tokenizer_fingerprint(smol_tokenizer)  # replaced, whole

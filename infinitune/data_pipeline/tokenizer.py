@@ -8,6 +8,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import socket
 from pathlib import Path
 from typing import Any
@@ -99,14 +100,57 @@ def resolve_model_source(path: str, gguf_file: str | None = None) -> tuple[str, 
     return path, gguf_file
 
 
+def cache_dir() -> Path:
+    """Where converted files are kept between processes: $INFINITUNE_CACHE, else ~/.cache/infinitune."""
+    return Path(os.environ.get("INFINITUNE_CACHE") or Path.home() / ".cache" / "infinitune")
+
+
+def _gguf_tokenizer_cache(gguf_path: Path) -> Path:
+    """The cache directory of a GGUF file's converted tokenizer: keyed by the file (path, size, modification
+    time) and the converting libraries' versions, so a changed file or library converts again."""
+    import tokenizers
+    import transformers
+
+    st = gguf_path.stat()
+    key = f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}|{tokenizers.__version__}"
+    return cache_dir() / "gguf-tokenizers" / hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def _load_gguf_tokenizer(source: str, gguf: str) -> Any:
+    """A GGUF file's tokenizer. Converting it takes transformers ~12 s for a 49k vocabulary, in every process
+    that loads it (each worker, at each restart), so the converted tokenizer is saved to the cache once and
+    read from there (a fraction of a second); a cache that cannot be read or written is only logged."""
+    from transformers import AutoTokenizer
+
+    if not (Path(source) / gguf).is_file():  # on the hub: transformers caches the download itself
+        return AutoTokenizer.from_pretrained(source, gguf_file=gguf)
+    cached = _gguf_tokenizer_cache(Path(source) / gguf)
+    if cached.exists():
+        try:
+            return AutoTokenizer.from_pretrained(str(cached))
+        except Exception as e:  # a damaged cache entry: convert again and replace it
+            log.warning("tokenizer cache %s unreadable (%s); converting %s again", cached, e, gguf)
+            shutil.rmtree(cached, ignore_errors=True)
+    tok = AutoTokenizer.from_pretrained(source, gguf_file=gguf)
+    staging = cached.with_name(f"{cached.name}.tmp-{os.getpid()}")
+    try:
+        tok.save_pretrained(str(staging))
+        os.rename(staging, cached)  # whole or absent; fails harmlessly where another process was first
+    except OSError as e:
+        log.info("tokenizer of %s not cached (%s)", gguf, e)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return tok
+
+
 def load_tokenizer(path: str, gguf_file: str | None = None) -> Any:
-    """The model's fast tokenizer, with a clear error when it cannot be loaded."""
+    """The model's fast tokenizer, with a clear error when it cannot be loaded. A GGUF file's tokenizer is
+    converted once and cached (`cache_dir()`)."""
     from transformers import AutoTokenizer
 
     source, gguf = resolve_model_source(path, gguf_file)
     try:
-        kwargs = {"gguf_file": gguf} if gguf else {}
-        tok = AutoTokenizer.from_pretrained(source, **kwargs)
+        tok = _load_gguf_tokenizer(source, gguf) if gguf else AutoTokenizer.from_pretrained(source)
     except Exception as e:  # transformers raises many types here; the user needs the path and the cause
         raise ModelSourceError(f"model.path: cannot load a tokenizer from {path}: {e}") from e
     if not getattr(tok, "is_fast", False):

@@ -209,7 +209,9 @@ def main() -> None:
     for i, stage in enumerate(args.stages):
         # Each stage in its own process: DeepSpeed and transformers keep ZeRO-3 state in globals.
         cmd = [sys.executable, __file__, "--stage", str(stage), "--port", str(29511 + i), *sys.argv[1:]]
-        with tempfile.TemporaryFile("w+") as log:
+        # Beside --out when given, so that a run stopped from outside (a time limit) leaves the child's output.
+        log_path = Path(args.out).with_suffix(f".stage{stage}.log") if args.out else None
+        with open(log_path, "w+") if log_path else tempfile.TemporaryFile("w+") as log:
             code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
             log.seek(0)
             text = log.read()

@@ -27,7 +27,7 @@ run() {  # run NAME SECONDS ARGS...: one setting
     timeout "$limit" $PY bench/gpu_mfu.py --out "$OUT/$name.json" "$@" >"$OUT/$name.log" 2>&1
     local code=$?
     echo "== $name (exit $code, $((SECONDS - t0)) s): $*"
-    grep -E "^ZeRO-|failed" "$OUT/$name.log" || tail -n 5 "$OUT/$name.log"
+    grep -E "^ZeRO-|failed" "$OUT/$name.log" || tail -n 5 "$OUT/$name".stage*.log  # the child's own output
 }
 
 # Compiled layers under ZeRO-3 as the trainer now builds them (each layer a DeepSpeed leaf module).

@@ -100,6 +100,7 @@ def test_overrides_set_typed_values(tmp_path):
             "model.attn_implementation",
             "use sdpa or eager",
         ),
+        (["model.adapter={method: prefix}", "model.compile_layers=true"], "model.compile_layers", "prefix tuning"),
         (["model.adapter={method: dora}"], "model.adapter.method", "must be one of"),
         (["model.adapter={method: adalora, r: 8, init_r: 4}"], "model.adapter.init_r", ">= r"),
         (["train.eval_metrics=[exact_match, rouge]"], "train.eval_metrics", "unknown ['rouge']"),

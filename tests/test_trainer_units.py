@@ -319,12 +319,43 @@ def test_a_state_whose_copy_would_not_fit_in_host_memory_is_written_at_once(monk
     assert written[-1] == "rank1.pt" and [path for _, path in engine.pending] == ["rank0.pt"]
 
 
-def test_host_memory_available_is_positive_and_no_more_than_the_system_has():
+def test_host_memory_available_reads_the_nearest_cgroup_limit(tmp_path):
+    """The memory a background save may copy into: the system's available memory, or a cgroup limit less its
+    usage (inactive page cache counted as free), the process's own cgroup or a parent's, v2 or v1."""
     import psutil
 
     from infinitune.trainer.checkpoint import host_memory_available
 
-    assert 0 < host_memory_available() <= psutil.virtual_memory().total
+    system = psutil.virtual_memory().available
+    GB = 2**30
+
+    def cgroup(directory, limit, usage, stat):
+        directory.mkdir(parents=True, exist_ok=True)
+        v2 = "memory" not in directory.parts
+        (directory / ("memory.max" if v2 else "memory.limit_in_bytes")).write_text(f"{limit}\n")
+        (directory / ("memory.current" if v2 else "memory.usage_in_bytes")).write_text(f"{usage}\n")
+        (directory / "memory.stat").write_text(stat)
+
+    # v2: no limit on the job's own cgroup ("max"), 3 GB on its parent with 2.5 GB used, 1 GB of it inactive cache.
+    root = tmp_path / "v2"
+    cgroup(root / "slurm" / "job_7", "max", 5 * GB, "anon 1\ninactive_file 9\n")
+    cgroup(root / "slurm", 3 * GB, int(2.5 * GB), f"active_file 5\ninactive_file {GB}\n")
+    (tmp_path / "v2.proc").write_text("0::/slurm/job_7\n")
+    assert host_memory_available(root, tmp_path / "v2.proc") == min(system, int(1.5 * GB))
+
+    # v1 beside a v2 line (a hybrid system): the memory controller's limit counts; "unlimited" is a huge number.
+    root = tmp_path / "v1"
+    cgroup(root / "memory" / "docker" / "abc", 2 * GB, GB, f"total_inactive_file {GB // 2}\n")
+    cgroup(root / "memory", 9223372036854771712, 10 * GB, "total_inactive_file 0\n")
+    (tmp_path / "v1.proc").write_text("4:memory:/docker/abc\n1:cpu:/\n0::/\n")
+    assert host_memory_available(root, tmp_path / "v1.proc") == min(system, int(1.5 * GB))
+
+    # A namespaced container sees its own cgroup as the root; the path in /proc does not exist under it.
+    (tmp_path / "ns.proc").write_text("0::/kubepods/pod1/c1\n")
+    cgroup(tmp_path / "ns", 4 * GB, GB, "inactive_file 0\n")
+    assert host_memory_available(tmp_path / "ns", tmp_path / "ns.proc") == min(system, 3 * GB)
+    # No cgroup files at all: the system's figure.
+    assert abs(host_memory_available(tmp_path / "none", tmp_path / "none.proc") - system) < GB
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir):

@@ -124,15 +124,21 @@ def _load_gguf_tokenizer(source: str, gguf: str) -> Any:
 
     if not (Path(source) / gguf).is_file():  # on the hub: transformers caches the download itself
         return AutoTokenizer.from_pretrained(source, gguf_file=gguf)
-    cached = _gguf_tokenizer_cache(Path(source) / gguf)
-    if cached.exists():
+    try:
+        cached = _gguf_tokenizer_cache(Path(source) / gguf)
+        found = cached.exists()
+    except (OSError, RuntimeError) as e:  # no home directory (an arbitrary uid), an unreadable cache
+        log.info("tokenizer of %s not cached (%s)", gguf, e)
+        return AutoTokenizer.from_pretrained(source, gguf_file=gguf)
+    if found:
         try:
             return AutoTokenizer.from_pretrained(str(cached))
         except Exception as e:  # a damaged cache entry: convert again and replace it
             log.warning("tokenizer cache %s unreadable (%s); converting %s again", cached, e, gguf)
             shutil.rmtree(cached, ignore_errors=True)
     tok = AutoTokenizer.from_pretrained(source, gguf_file=gguf)
-    staging = cached.with_name(f"{cached.name}.tmp-{os.getpid()}")
+    # Unique across the nodes that may share a home directory.
+    staging = cached.with_name(f"{cached.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     try:
         tok.save_pretrained(str(staging))
         os.rename(staging, cached)  # whole or absent; fails harmlessly where another process was first

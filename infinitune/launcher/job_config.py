@@ -87,6 +87,12 @@ class JobConfig:
                 f"prefix tuning keeps packed documents apart with an explicit mask, which "
                 f"{self.model.attn_implementation} does not take; use sdpa or eager",
             )
+        if adapter is not None and adapter.method == "prefix" and self.model.compile_layers:
+            raise ConfigError(
+                "model.compile_layers",
+                "not with prefix tuning: each layer reads its own entry of the prefix's cache, so torch compiles "
+                "every layer anew and falls back to eager past its recompile limit (8); set it to false",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

@@ -82,35 +82,53 @@ def snapshot(state: Any) -> Any:
 # A background save's copy must leave this much host memory free (the rest of the process, the system).
 SNAPSHOT_RESERVE_BYTES = 2 * 2**30
 
-_CGROUP_MEMORY = (  # (limit, usage, stat, the stat's reclaimable page cache) for cgroup v2, then v1
-    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat", "inactive_file"),
-    (
-        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
-        "/sys/fs/cgroup/memory/memory.usage_in_bytes",
-        "/sys/fs/cgroup/memory/memory.stat",
-        "total_inactive_file",
-    ),
-)
+
+def _cgroup_memory_dirs(root: Path, proc_cgroup: Path) -> list[tuple[Path, str]]:
+    """This process's memory cgroup directories, own first, then its parents up to the root: (directory,
+    cgroup version "2" or "1"). Without a cgroup namespace (Slurm, systemd slices) a process's own cgroup is
+    not the root, and a limit may be set on any ancestor."""
+    try:
+        entries = [line.split(":", 2) for line in proc_cgroup.read_text().splitlines() if line.count(":") >= 2]
+    except OSError:
+        entries = []
+    # A v1 memory controller wins over the v2 line that hybrid systems also list (its v2 tree has no limits).
+    v1 = [path for _, controllers, path in entries if "memory" in controllers.split(",")]
+    v2 = [path for hierarchy, controllers, path in entries if hierarchy == "0" and controllers == ""]
+    if v1:
+        base, version, path = root / "memory", "1", v1[0]
+    elif v2:
+        base, version, path = root, "2", v2[0]
+    else:
+        return [(root, "2"), (root / "memory", "1")]
+    own = base / path.lstrip("/")
+    # The own directory may not exist where the container shows its cgroup as the root: the root is kept last.
+    return [(d, version) for d in (own, *own.parents) if d == base or base in d.parents]
 
 
-def host_memory_available() -> int:
+def host_memory_available(root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> int:
     """Bytes of host memory this process can still take: the system's available memory, or less where a
-    container's memory limit (cgroup) is nearer; its inactive page cache counts as free, as the kernel
-    reclaims it before the limit kills anything."""
+    memory limit of its cgroup or of a parent cgroup (a container's, a job's) is nearer; inactive page cache
+    counts as free, as the kernel reclaims it before the limit kills anything."""
     import psutil
 
     available = psutil.virtual_memory().available
-    for limit_file, usage_file, stat_file, reclaimable in _CGROUP_MEMORY:
+    for directory, version in _cgroup_memory_dirs(root, proc_cgroup):
+        limit_file, usage_file, reclaimable = (
+            ("memory.max", "memory.current", "inactive_file")
+            if version == "2"
+            else ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        )
         try:
-            limit = Path(limit_file).read_text().strip()
-            usage = int(Path(usage_file).read_text())
-            stat = dict(line.split() for line in Path(stat_file).read_text().splitlines() if line.count(" ") == 1)
+            limit = (directory / limit_file).read_text().strip()
+            usage = int((directory / usage_file).read_text())
+            stat = (directory / "memory.stat").read_text().splitlines()
         except (OSError, ValueError):
             continue
-        if limit.isdigit():
-            available = min(available, int(limit) - usage + int(stat.get(reclaimable, 0)))
-        break
-    return available
+        if not limit.isdigit():  # "max": no limit here
+            continue
+        free_cache = next((int(line.split()[1]) for line in stat if line.startswith(reclaimable + " ")), 0)
+        available = min(available, int(limit) - usage + free_cache)
+    return max(available, 0)
 
 
 def tensor_bytes(state: Any) -> int:

@@ -82,7 +82,7 @@ class ModelConfig:
     ZeRO stage 0), and the loss's cross-entropy (no float32 copy of the logits kept for the backward pass: 0.72x
     peak memory for a 128k vocabulary on CPU). Under ZeRO-3 each layer becomes a DeepSpeed leaf module, its
     parameters gathered together, so that the layer compiles as one graph. The first step and the first eval
-    compile; eval generations run uncompiled."""
+    compile; eval generations run uncompiled. Not with prefix tuning."""
 
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""

@@ -255,6 +255,11 @@ def compile_layers(model, zero3: bool) -> None:
 
             set_z3_leaf_module(layer, True)
         layer.forward = torch.compile(layer.forward)
+    if zero3:
+        # DeepSpeed reduces a leaf module's gradients from a full backward hook on it, which torch fires before
+        # the module's parameter gradients exist when none of its inputs needs a gradient: the first layer's,
+        # once an adapter freezes the embeddings (a crash in backward, found by the LoRA test).
+        model.enable_input_require_grads()
 
 
 # IA3 rescales the input of these (an MLP's output projection) rather than their output.

@@ -4,6 +4,7 @@
 # cost the others. Results (JSON per setting) and logs go to $OUT (default ./gpu_session).
 #
 #     bash bench/gpu_session.sh              # on the GPU machine, from the repository root
+#     TINY=1 PYTHON=.venv/bin/python bash bench/gpu_session.sh    # a dry run of the same flow on a CPU
 #
 # DeepSpeed and its pure-Python dependencies are installed from ./.whl when the machine lacks them (a machine
 # without internet: `pip download --no-deps --python-version 3.12 --only-binary=:all: -d .whl deepspeed==0.19.8
@@ -16,7 +17,7 @@ PY=${PYTHON:-python}
 if ! $PY -c "import deepspeed" 2>/dev/null; then
     $PY -m pip install -q --no-index --no-deps .whl/*.whl 2>&1 | tail -3
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee "$OUT/gpu.txt"
 $PY -c "import torch, transformers, deepspeed; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__)" | tee -a "$OUT/gpu.txt"
 
@@ -24,7 +25,9 @@ run() {  # run NAME SECONDS ARGS...: one setting
     local name=$1 limit=$2
     shift 2
     local t0=$SECONDS
-    timeout "$limit" $PY bench/gpu_mfu.py --out "$OUT/$name.json" "$@" >"$OUT/$name.log" 2>&1
+    # TINY: after the setting's own flags, so it wins (flex attention has no backward on a CPU)
+    timeout "$limit" $PY bench/gpu_mfu.py --out "$OUT/$name.json" "$@" ${TINY:+--tiny --steps 2 --warmup 1 --attn sdpa} \
+        >"$OUT/$name.log" 2>&1
     local code=$?
     echo "== $name (exit $code, $((SECONDS - t0)) s): $*"
     grep -E "^ZeRO-|failed" "$OUT/$name.log" || tail -n 5 "$OUT/$name".stage*.log  # the child's own output

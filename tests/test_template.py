@@ -168,7 +168,7 @@ def test_an_answer_token_merged_with_the_prompts_space_is_trained(tiny_tokenizer
 def test_a_gguf_tokenizer_is_converted_once_then_read_from_the_cache(
     smol_tokenizer, infinitune_cache, monkeypatch, caplog
 ):
-    """Converting SmolLM2's GGUF tokenizer takes ~12 s in every process that loads it (each worker, at each
+    """Converting SmolLM2's GGUF tokenizer takes ~10 s in every process that loads it (each worker, at each
     restart): the first conversion (the fixture's) is cached, later loads read the cache, a damaged cache
     entry is converted again and replaced."""
     import transformers
@@ -182,7 +182,7 @@ def test_a_gguf_tokenizer_is_converted_once_then_read_from_the_cache(
 
     def spy(source, **kwargs):
         calls.append((str(source), kwargs.get("gguf_file")))
-        if kwargs.get("gguf_file"):  # a conversion: the fixture's result stands in for another 12 s of it
+        if kwargs.get("gguf_file"):  # a conversion: the fixture's result stands in for another 10 s of it
             return smol_tokenizer
         return real(source, **kwargs)
 

@@ -117,19 +117,19 @@ def _gguf_tokenizer_cache(gguf_path: Path) -> Path:
 
 
 def _load_gguf_tokenizer(source: str, gguf: str) -> Any:
-    """A GGUF file's tokenizer. Converting it takes transformers ~12 s for a 49k vocabulary, in every process
+    """A GGUF file's tokenizer. Converting it takes transformers ~10 s for a 49k vocabulary, in every process
     that loads it (each worker, at each restart), so the converted tokenizer is saved to the cache once and
-    read from there (a fraction of a second); a cache that cannot be read or written is only logged."""
+    read from there (`bench/gguf_tokenizer.py`); a cache that cannot be read or written is only logged."""
     from transformers import AutoTokenizer
 
-    if not (Path(source) / gguf).is_file():  # on the hub: transformers caches the download itself
-        return AutoTokenizer.from_pretrained(source, gguf_file=gguf)
-    try:
-        cached = _gguf_tokenizer_cache(Path(source) / gguf)
-        found = cached.exists()
-    except (OSError, RuntimeError) as e:  # no home directory (an arbitrary uid), an unreadable cache
-        log.info("tokenizer of %s not cached (%s)", gguf, e)
-        return AutoTokenizer.from_pretrained(source, gguf_file=gguf)
+    cached, found = None, False
+    if (Path(source) / gguf).is_file():  # on the hub, transformers caches the download itself
+        try:
+            cached = _gguf_tokenizer_cache(Path(source) / gguf)
+            found = cached.exists()
+        except (OSError, RuntimeError) as e:  # no home directory (an arbitrary uid), an unreadable cache
+            log.info("tokenizer of %s not cached (%s)", gguf, e)
+            cached = None
     if found:
         try:
             return AutoTokenizer.from_pretrained(str(cached))
@@ -137,15 +137,16 @@ def _load_gguf_tokenizer(source: str, gguf: str) -> Any:
             log.warning("tokenizer cache %s unreadable (%s); converting %s again", cached, e, gguf)
             shutil.rmtree(cached, ignore_errors=True)
     tok = AutoTokenizer.from_pretrained(source, gguf_file=gguf)
-    # Unique across the nodes that may share a home directory.
-    staging = cached.with_name(f"{cached.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    try:
-        tok.save_pretrained(str(staging))
-        os.rename(staging, cached)  # whole or absent; fails harmlessly where another process was first
-    except OSError as e:
-        log.info("tokenizer of %s not cached (%s)", gguf, e)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    if cached is not None:
+        # Unique across the nodes that may share a home directory.
+        staging = cached.with_name(f"{cached.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+        try:
+            tok.save_pretrained(str(staging))
+            os.rename(staging, cached)  # whole or absent; fails harmlessly where another process was first
+        except OSError as e:
+            log.info("tokenizer of %s not cached (%s)", gguf, e)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return tok
 
 

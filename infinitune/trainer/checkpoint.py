@@ -362,17 +362,17 @@ class Checkpointer:
             self.root.mkdir(parents=True, exist_ok=True)
         distributed.barrier()
         real = engine.checkpoint_engine
-        if background:
-            engine.checkpoint_engine = _SnapshotEngine(real, step, self.rank)
+        snapshots = _SnapshotEngine(real, step, self.rank) if background else None
+        if snapshots is not None:
+            engine.checkpoint_engine = snapshots
         try:
             engine.save_checkpoint(
                 str(self.root), tag=directory.name, save_latest=False, exclude_frozen_parameters=self.trainable_only
             )
         finally:
-            snapshots = engine.checkpoint_engine
-            states = snapshots.pending if background else []
             engine.checkpoint_engine = real
-        if background and snapshots.written_now:
+        states = snapshots.pending if snapshots is not None else []
+        if snapshots is not None and snapshots.written_now:
             log.warning(
                 "checkpoint %s: not enough free host memory to copy %d of this rank's %d state files "
                 "(%.2f GB) for the background save; wrote them before the loop went on, as a synchronous save "

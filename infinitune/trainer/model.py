@@ -250,12 +250,11 @@ def compile_layers(model, zero3: bool) -> None:
     if layers is None:
         raise ValueError(f"model.compile_layers: {type(model).__name__} has no decoder `layers` to compile")
     for layer in layers:
-        if zero3:
-            from deepspeed.utils import set_z3_leaf_module
-
-            set_z3_leaf_module(layer, True)
         layer.forward = torch.compile(layer.forward)
     if zero3:
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, list({type(layer) for layer in layers}))
         # DeepSpeed reduces a leaf module's gradients from a full backward hook on it, which torch fires before
         # the module's parameter gradients exist when none of its inputs needs a gradient: the first layer's,
         # once an adapter freezes the embeddings (a crash in backward, found by the LoRA test).

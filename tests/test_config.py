@@ -83,6 +83,11 @@ def test_overrides_set_typed_values(tmp_path):
         (["data.sources.0.weight=-1"], "data.sources.0.weight", "(0, 100]"),
         (["data.sources.0.roles={narrator: god}"], "data.sources.0.roles.narrator", "must be one of"),
         (["train.global_batch_size=6"], "train.global_batch_size", "micro_batch_size x cluster.num_workers"),
+        (
+            ["train.global_batch_size=6"],
+            "train.global_batch_size",
+            "Worker counts that hold it: 1, 3; global batches that fit 2 workers: 4 or 8",
+        ),
         (["deepspeed.zero_stage=4"], "deepspeed.zero_stage", "must be one of 0, 1, 2, 3"),
         (
             ["deepspeed.offload_params=cpu", "deepspeed.zero_stage=2"],

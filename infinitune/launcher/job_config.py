@@ -26,6 +26,24 @@ from infinitune.trainer.config import (
 from infinitune.typed_config import ConfigError, apply_overrides, from_dict, require, to_dict
 
 
+def check_batch_fits(global_batch: int, micro_batch: int, workers: int) -> None:
+    """The global batch must split evenly into micro-batches on every worker (it is kept as it is when a run
+    continues on another number of workers; gradient accumulation makes up the rest). Refused naming the
+    numbers, the worker counts that would hold it, and the nearest global batches for these workers."""
+    per_pass = micro_batch * workers
+    if global_batch % per_pass == 0:
+        return
+    holding = [w for w in range(1, global_batch // micro_batch + 1) if global_batch % (micro_batch * w) == 0]
+    below, above = global_batch // per_pass * per_pass, (global_batch // per_pass + 1) * per_pass
+    nearest = " or ".join(str(b) for b in (below, above) if b > 0)
+    raise ConfigError(
+        "train.global_batch_size",
+        f"{global_batch} does not split into micro-batches of {micro_batch} on {workers} workers (it must be a "
+        f"multiple of train.micro_batch_size x cluster.num_workers = {per_pass}). Worker counts that hold it: "
+        f"{', '.join(map(str, holding)) or 'none'}; global batches that fit {workers} workers: {nearest}",
+    )
+
+
 @dataclass
 class JobConfig:
     """A fine-tuning job. Each component receives only its own section."""
@@ -60,14 +78,7 @@ class JobConfig:
             "name",
             f"must be a plain directory name; got {self.name!r}",
         )
-        per_pass = self.train.micro_batch_size * self.cluster.num_workers
-        if self.train.global_batch_size % per_pass:
-            raise ConfigError(
-                "train.global_batch_size",
-                f"must be a multiple of train.micro_batch_size x cluster.num_workers "
-                f"({self.train.micro_batch_size} x {self.cluster.num_workers} = {per_pass}); "
-                f"got {self.train.global_batch_size}",
-            )
+        check_batch_fits(self.train.global_batch_size, self.train.micro_batch_size, self.cluster.num_workers)
 
         adapter = self.model.adapter
         if adapter is not None and adapter.method == "adalora" and self.deepspeed.zero_stage > 0:

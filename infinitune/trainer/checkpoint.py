@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from infinitune.trainer import distributed, faults
+from infinitune.trainer import distributed, faults, reshard
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +252,12 @@ def rng_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -521,9 +527,12 @@ class Checkpointer:
         complete, problem = _read_marker(directory)
         if complete is None:
             return problem
-        if complete["world_size"] != self.world_size:
-            return None  # `load` refuses it, naming both sizes
-        return _listing_problem(directory, self.rank, complete["ranks"].get(str(self.rank)), self.verify)
+        # Each rank checks the files of the writers it stands for: with another world size, every world_size-th.
+        for writer in range(self.rank, complete["world_size"], self.world_size):
+            problem = _listing_problem(directory, writer, complete["ranks"].get(str(writer)), self.verify)
+            if problem:
+                return problem
+        return None
 
     def usable(self, directory: Path) -> str | None:
         """Why some rank cannot use `directory` (a collective call; each rank checks its share), or None."""
@@ -544,31 +553,52 @@ class Checkpointer:
         return None
 
     def load_extra(self, directory: Path) -> dict[str, Any]:
-        """This rank's extra state saved beside the engine's (AdaLoRA's rank budget)."""
+        """This rank's extra state saved beside the engine's (AdaLoRA's rank budget); rank 0's on a rank the
+        writing run did not have."""
         path = directory / f"extra.rank{self.rank}.pt"
+        if not path.is_file():
+            path = directory / "extra.rank0.pt"
         if not path.is_file():
             raise CheckpointError(f"{path} is missing: the checkpoint was written by a run without this state")
         return torch.load(path, weights_only=True)
 
-    def load(self, engine, directory: Path) -> dict[str, Any]:
-        """Restore the engine and this rank's random state from `directory`; returns the trainer state."""
+    def load(self, engine, directory: Path, optimizer: bool = True, seed: int = 0) -> dict[str, Any]:
+        """Restore the engine (with the optimizer's state unless `optimizer` is False) and this rank's random
+        state from `directory`, on this run's number of workers whatever the writer's; returns the trainer
+        state. A collective call."""
         complete = json.loads((directory / COMPLETE).read_text())
-        if complete["world_size"] != self.world_size:
-            raise CheckpointError(
-                f"{directory} was written by {complete['world_size']} workers and this run has {self.world_size}: "
-                "ZeRO's partitions of parameters and optimizer state differ. Resume with cluster.num_workers="
-                f"{complete['world_size']} (the data position itself is valid for any number of workers)."
+        state = json.loads((directory / STATE).read_text())
+        written_by = complete["world_size"]
+        root, tag = directory.parent, directory.name
+        universal = written_by != self.world_size and reshard.partitioned(directory)
+        if universal:  # ZeRO's slices were cut for `written_by` workers: cut again from one file per parameter
+            root, tag = directory, reshard.ensure_universal(directory, self.rank).name
+        if written_by != self.world_size:
+            log.info(
+                "checkpoint %s was written by %d workers; continuing on %d", directory.name, written_by, self.world_size
             )
-        loaded, _ = engine.load_checkpoint(
-            str(directory.parent),
-            tag=directory.name,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=True,
-            load_module_strict=not self.trainable_only,
-        )
+        config = engine._config  # DeepSpeed reads this switch inside load_checkpoint only
+        config.load_universal_checkpoint = universal
+        try:
+            loaded, _ = engine.load_checkpoint(
+                str(root),
+                tag=tag,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=True,
+                load_module_strict=not self.trainable_only,
+            )
+        finally:
+            config.load_universal_checkpoint = False
         if loaded is None:
             raise CheckpointError(f"DeepSpeed could not load {directory}")
-        set_rng_state(torch.load(directory / f"rng.rank{self.rank}.pt", weights_only=True))
-        state = json.loads((directory / STATE).read_text())
+        if not optimizer:
+            # Loaded whole, then forgotten: DeepSpeed's own weights-only path under ZeRO-3 reads the weights of
+            # whichever checkpoint `latest` names, not of `tag`. torch's Adam starts its state afresh when empty.
+            getattr(engine.optimizer, "optimizer", engine.optimizer).state.clear()
+        rng = directory / f"rng.rank{self.rank}.pt"
+        if rng.is_file():
+            set_rng_state(torch.load(rng, weights_only=True))
+        else:  # a rank the writing run did not have: seeded apart from every other rank and step
+            seed_everything(seed + self.rank + 1_000_003 * state["step"])
         log.info("resumed from %s (step %d)", directory, state["step"])
         return state

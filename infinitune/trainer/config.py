@@ -252,6 +252,11 @@ class CheckpointConfig:
     """auto: continue from the newest complete checkpoint of the run if there is one; none: start fresh;
     or a path to a checkpoint directory."""
 
+    resume_optimizer: bool = True
+    """Restore the optimizer's state (Adam's moments and step count) with the weights when resuming. false:
+    the weights, learning-rate schedule, data position and random state are restored and the optimizer
+    starts afresh (after changing its settings, say)."""
+
     preemption_grace_s: float = 120.0
     """Seconds allowed, after SIGTERM/SIGUSR1, to reach a step boundary, save and exit."""
 

@@ -7,14 +7,12 @@ from __future__ import annotations
 import logging
 import math
 import os
-import random
 import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from infinitune.data_pipeline.config import DataConfig
@@ -24,7 +22,7 @@ from infinitune.data_pipeline.stream import BatchLayout, StatefulLoader, verify_
 from infinitune.data_pipeline.template import IGNORE
 from infinitune.data_pipeline.tokenizer import load_tokenizer, resolve_chat_template, tokenizer_fingerprint
 from infinitune.trainer import distributed, faults
-from infinitune.trainer.checkpoint import Checkpointer, Completed
+from infinitune.trainer.checkpoint import Checkpointer, Completed, seed_everything
 from infinitune.trainer.config import (
     CheckpointConfig,
     DeepSpeedConfig,
@@ -92,12 +90,6 @@ class TrainState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k in asdict(self):
             setattr(self, k, state.get(k, getattr(self, k)))  # fields added later keep their defaults
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def train(spec: TrainerSpec, ctx: RunContext) -> int:
@@ -379,7 +371,7 @@ def setup(spec: TrainerSpec, ctx: RunContext) -> Workspace:
     state = TrainState()
     restore = ctx.restore_from() or resume_target(spec.checkpoint.resume, checkpointer)
     if restore is not None:
-        saved = checkpointer.load(engine, Path(restore))
+        saved = checkpointer.load(engine, Path(restore), spec.checkpoint.resume_optimizer, spec.train.seed)
         state.load_state_dict(saved)
         if budget is not None:
             budget.load_state_dict(checkpointer.load_extra(Path(restore)))

@@ -100,3 +100,18 @@ def test_train_refuses_a_bad_config_or_missing_shards_before_ray_starts(tmp_path
     assert out.returncode == 2 and "no manifest here; run `infinitune prepare" in out.stderr
     for text in (out.stdout, out.stderr):
         assert "Ray" not in text and "Traceback" not in text  # refused before any cluster resource
+
+
+def test_train_refuses_what_the_manifest_tells_before_ray_starts(tmp_path, tiny_tokenizer_dir):
+    # Evaluation asked for, shards without a validation split: a worker would fail the same way at every restart.
+    data = tmp_path / "synth.jsonl"
+    assert run("generate-data", "--n", "60", "--out", str(data)).returncode == 0
+    cfg = job(tmp_path, tiny_tokenizer_dir, data, val_fraction=0.0)
+    assert run("prepare", str(cfg), "--num-proc", "1").returncode == 0
+    out = run("train", str(cfg), "train.eval_every=5", "cluster.storage_path=" + str(tmp_path / "runs"))
+    assert out.returncode == 2, out.stderr
+    assert "needs a validation split and these shards have none" in out.stderr
+    assert "train.eval_every" in out.stderr
+    for text in (out.stdout, out.stderr):
+        assert "Ray" not in text and "Traceback" not in text
+    assert not (tmp_path / "runs").exists()  # nothing written, nothing started

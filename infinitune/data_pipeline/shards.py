@@ -118,6 +118,19 @@ def open_url(url: str) -> BinaryIO:
     return fsspec.open(url, "rb").open()
 
 
+def require_validation_split(
+    manifest: Manifest, base: str, needed_by: str = "train.eval_every (or logging.save_logits_probe)"
+) -> int:
+    """The validation split's sample count; refused naming the setting that needs one when there is none."""
+    samples = manifest.splits["val"].samples if "val" in manifest.splits else 0
+    if not samples:
+        raise DataError(
+            f"{base}: {needed_by} needs a validation split and these shards have none; raise data.val_fraction "
+            "and re-run prepare, or set train.eval_every=0"
+        )
+    return samples
+
+
 def read_manifest(base: str) -> Manifest:
     url = join_url(base, MANIFEST)
     try:

@@ -80,10 +80,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def _run(cfg, run_dir: Path, local: bool) -> int:
     """Run the job's workers on Ray (default) or as local processes; returns the exit code. One driver per
     run directory: a second one is refused before it writes anything there."""
-    from infinitune.data_pipeline.shards import read_manifest
+    from infinitune.data_pipeline.shards import read_manifest, require_validation_split
     from infinitune.launcher.lock import RunLock
 
-    read_manifest(cfg.data.shards_dir)  # shards must exist before any worker (or Ray) starts
+    # What the manifest can tell is checked before any worker (or Ray) starts: a restart would not fix it.
+    manifest = read_manifest(cfg.data.shards_dir)
+    if cfg.train.eval_every or cfg.logging.save_logits_probe:
+        require_validation_split(manifest, cfg.data.shards_dir)
     with RunLock(run_dir):
         return _run_locked(cfg, run_dir, local)
 

@@ -17,7 +17,7 @@ import torch
 
 from infinitune.data_pipeline.config import DataConfig
 from infinitune.data_pipeline.errors import DataError
-from infinitune.data_pipeline.shards import check_tokenizer, read_manifest
+from infinitune.data_pipeline.shards import check_tokenizer, read_manifest, require_validation_split
 from infinitune.data_pipeline.stream import BatchLayout, StatefulLoader, verify_shards
 from infinitune.data_pipeline.template import IGNORE
 from infinitune.data_pipeline.tokenizer import load_tokenizer, resolve_chat_template, tokenizer_fingerprint
@@ -338,7 +338,10 @@ def setup(spec: TrainerSpec, ctx: RunContext) -> Workspace:
         shuffle_window=data.shuffle_window,
         num_workers=data.num_workers,
     )
+    needs_val = spec.train.eval_every or spec.logging.save_logits_probe
     val_samples = manifest.splits["val"].samples if "val" in manifest.splits else 0
+    if needs_val:
+        require_validation_split(manifest, base)
     val_layout = BatchLayout(world * spec.train.micro_batch_size, world, spec.train.micro_batch_size)
     val_loader = (
         StatefulLoader(
@@ -354,11 +357,6 @@ def setup(spec: TrainerSpec, ctx: RunContext) -> Workspace:
         if val_samples
         else None
     )
-    if (spec.train.eval_every or spec.logging.save_logits_probe) and val_loader is None:
-        raise DataError(
-            f"{base}: train.eval_every (or logging.save_logits_probe) needs a validation split; raise "
-            "data.val_fraction and re-run prepare, or set train.eval_every=0"
-        )
 
     run_dir = Path(spec.run_dir)
     root, shared = ctx.checkpoint_root(run_dir, rank)

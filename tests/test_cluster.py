@@ -186,65 +186,6 @@ def test_a_lost_node_costs_only_the_steps_since_the_checkpoint(setup, runs, refe
     assert max(abs(got[s] - want[s]) for s in got) <= 1e-6
 
 
-def test_submit_to_a_ray_head_runs_the_job_and_status_reports_it(setup, runs, tmp_path):
-    from pathlib import Path
-
-    venv_bin = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
-    short = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    port, dashboard = 6400 + os.getpid() % 500, 8300 + os.getpid() % 500
-    subprocess.run(
-        [
-            f"{venv_bin}/ray",
-            "start",
-            "--head",
-            f"--port={port}",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard}",
-            "--num-cpus=2",
-            "--include-dashboard=true",
-            "--disable-usage-stats",
-            f"--temp-dir={short}",
-        ],
-        env=env,
-        check=True,
-        capture_output=True,
-    )
-    address = f"http://127.0.0.1:{dashboard}"
-    try:
-        config = tiny_job(setup, runs, "ray-submitted", train={"max_steps": 6})
-        work = tmp_path / "work"
-        work.mkdir()
-        shutil.copy(config, work / "job.yaml")
-
-        def cli(*args):
-            out = subprocess.run(
-                [sys.executable, "-m", "infinitune.launcher.cli", *args],
-                capture_output=True,
-                text=True,
-                env=env,
-                cwd=work,
-                timeout=120,
-            )
-            assert out.returncode == 0, out.stderr[-3000:]
-            return out.stdout
-
-        job_id = cli("submit", "job.yaml", "--address", address).strip()
-        assert job_id
-        deadline = time.monotonic() + 400
-        while time.monotonic() < deadline:
-            state = json.loads(cli("status", job_id, "--address", address))["status"]
-            if state.endswith(("SUCCEEDED", "FAILED", "STOPPED")):
-                break
-            time.sleep(3)
-        assert state.endswith("SUCCEEDED"), cli("logs", job_id, "--address", address)[-3000:]
-        run = json.loads(cli("status", str(run_dir_of(config))))
-        assert run["step"] == 6 and run["checkpoints"][-1]["complete"]
-    finally:
-        subprocess.run([f"{venv_bin}/ray", "stop", "--force"], env=env, capture_output=True)
-        shutil.rmtree(short, ignore_errors=True)
-
-
 @pytest.fixture
 def s3_endpoint():
     """A local S3 (moto's server, the S3 protocol over HTTP) and the AWS_* environment that points at it."""

@@ -72,6 +72,48 @@ def connect(cfg: ClusterConfig) -> bool:
     return True
 
 
+def interface_of(address: str) -> str | None:
+    """The name of this machine's network interface that holds `address`, or None."""
+    import psutil
+
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.address == address for a in addresses):
+            return name
+    return None
+
+
+def bind_to_node_interface() -> None:
+    """gloo and NCCL bind to the interface that carries this worker's Ray node address, unless the user set
+    GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME. Left to themselves they take the address the host name resolves to,
+    which on many images (Ubuntu's default /etc/hosts: 127.0.1.1) is loopback: the other hosts then fail to
+    connect ("Gloo connectFullMesh failed ... Connection refused")."""
+    import ray
+
+    name = interface_of(ray.util.get_node_ip_address())
+    if name is not None:
+        for variable in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+            os.environ.setdefault(variable, name)
+
+
+def torch_config(use_gpu: bool):
+    """Ray Train's TorchConfig, whose workers bind their collectives to their node's interface before the
+    process group is made."""
+    from ray.train.torch import TorchConfig
+    from ray.train.torch.config import _TorchBackend  # Ray's own backend, extended by one step before it
+
+    class Backend(_TorchBackend):
+        def on_start(self, worker_group, backend_config):
+            worker_group.execute(bind_to_node_interface)
+            super().on_start(worker_group, backend_config)
+
+    class BoundTorchConfig(TorchConfig):
+        @property
+        def backend_cls(self):
+            return Backend
+
+    return BoundTorchConfig(backend="nccl" if use_gpu else "gloo")
+
+
 def _worker_callbacks() -> list:
     from ray.train.v2._internal.execution.callback import WorkerCallback
 
@@ -227,7 +269,7 @@ def run_job(
     go to RUN_DIR/checkpoints, or to STORAGE/checkpoints when `storage` (a URI) is given."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -254,7 +296,7 @@ def run_job(
             resources_per_worker=resources,
             placement_strategy=cluster.placement_strategy,
         ),
-        torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
+        torch_config=torch_config(cluster.use_gpu),
         run_config=RunConfig(
             name="checkpoints",
             storage_path=storage or str(run_dir.resolve()),

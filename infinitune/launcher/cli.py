@@ -150,9 +150,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from infinitune.cluster import jobs
-    from infinitune.launcher.job_config import load_job_config
+    from infinitune.launcher.job_config import load_job_config, run_location, save_job_config
 
-    load_job_config(args.config, args.overrides)  # refuse a bad config before anything reaches the cluster
+    cfg = load_job_config(args.config, args.overrides)  # refuse a bad config before anything reaches the cluster
     config = Path(args.config).resolve()
     if not config.is_relative_to(Path.cwd()):
         raise ConfigError("", f"{args.config} must lie inside the working directory, which is what is uploaded")
@@ -162,6 +162,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
         f"follow it: infinitune status {job_id} --address {args.address}; infinitune logs {job_id} --address ...",
         file=sys.stderr,
     )
+    run_dir, storage = run_location(cfg)
+    if storage is not None:  # the run's config here too: status, export and eval read its storage from this machine
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_job_config(cfg, run_dir / "config.yaml")
+        print(
+            f"checkpoints in {storage}; from here: infinitune status {run_dir}, infinitune export {run_dir}",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -76,11 +76,60 @@ def tiny_job(setup, runs, name, **sections):
 
 
 @pytest.fixture(scope="module")
-def reference(setup, runs):
-    """An uninterrupted run on an embedded Ray cluster."""
+def other_ray_head(tmp_path_factory):
+    """Another Ray head on this machine (`ray start --head`), whose address file plain `ray.init()` would join,
+    in a temp dir of its own (RAY_TMPDIR) so that nothing outside this test sees it; ended by its pid."""
+    from pathlib import Path
+
+    tmp = Path(tempfile.mkdtemp(prefix="rayo", dir="/tmp"))  # socket paths must stay under 108 bytes
+    ports = [free_port() for _ in range(2)]
+    env = {
+        **os.environ,
+        "RAY_TMPDIR": str(tmp),
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+    }
+    ray_bin = Path(sys.executable).parent / "ray"
+    args = [f"--port={ports[0]}", f"--ray-client-server-port={ports[1]}", "--dashboard-agent-listen-port=0"]
+    head = subprocess.Popen(
+        [str(ray_bin), "start", "--head", "--block", "--num-cpus=0", "--include-dashboard=false", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    address_file = tmp / "ray" / "ray_current_cluster"
+    try:
+        deadline = time.monotonic() + 90
+        while not address_file.exists():
+            assert head.poll() is None and time.monotonic() < deadline, "the other Ray head did not start"
+            time.sleep(0.5)
+        yield {"RAY_TMPDIR": str(tmp), "address_file": address_file, "process": head}
+    finally:
+        head.terminate()  # `ray start --block` ends the processes it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def reference(setup, runs, other_ray_head):
+    """An uninterrupted run on an embedded Ray cluster, while another Ray head runs on the machine (which a
+    plain `ray.init()` would join, and fail: it refuses object_store_memory for an existing cluster)."""
     config = tiny_job(setup, runs, "ray-reference")
-    code, out = train_cli(config)
+    code, out = train_cli(config, env={"RAY_TMPDIR": other_ray_head["RAY_TMPDIR"]})
     assert code == 0, out[-5000:]
+    assert other_ray_head["process"].poll() is None  # it ran alongside the whole time
     return config
 
 
@@ -136,6 +185,42 @@ def test_a_killed_and_then_a_preempted_worker_are_restarted_and_the_losses_do_no
     assert sorted(got) == list(range(1, STEPS + 1))
     assert max(abs(got[s] - want[s]) for s in got) <= 1e-6
     assert_each_sample_once_per_epoch(config, setup)
+
+
+@pytest.mark.faults
+def test_a_deterministic_worker_error_ends_the_job_at_once(
+    setup, runs, reference, other_ray_head, tiny_tokenizer_dir, tmp_path, monkeypatch
+):
+    """Evaluation on shards without a validation split, given to the Ray job directly (the CLI refuses it before
+    Ray): every worker raises the same DataError at every restart, so the first failure ends the job with that
+    message, not max_failures restarts. The embedded cluster starts after the other head has ended and left its
+    address file behind (which a plain `ray.init()` would try to join)."""
+    from infinitune.cluster.ray_job import JobFailed, run_job
+    from infinitune.data_pipeline.config import DataConfig
+    from infinitune.data_pipeline.prepare import prepare
+    from infinitune.data_pipeline.tokenizer import load_tokenizer
+    from infinitune.launcher.job_config import load_job_config
+    from infinitune.typed_config import from_dict
+
+    head = other_ray_head["process"]
+    head.terminate()
+    head.wait(timeout=60)
+    assert other_ray_head["address_file"].exists()  # stale: its head is gone
+    monkeypatch.setenv("RAY_TMPDIR", other_ray_head["RAY_TMPDIR"])
+
+    data = {**setup["data"], "val_fraction": 0.0, "shards_dir": str(tmp_path / "no-val")}
+    prepare(from_dict(DataConfig, data), load_tokenizer(setup["model"]), num_proc=1, progress=False)
+    config = tiny_job(setup, runs, "ray-no-val", data=data, train={"eval_every": 5}, cluster={"max_failures": 3})
+    cfg = load_job_config(config)
+    started = time.monotonic()
+    with pytest.raises(JobFailed) as failed:
+        run_job(cfg.to_dict(), run_dir_of(config), cfg.cluster, 2, STEPS)
+    message = str(failed.value)
+    assert "training failed at once (a restart would fail the same way)" in message
+    assert "DataError" in message and "needs a validation split and these shards have none" in message
+    log0 = (run_dir_of(config) / "logs" / "rank0.log").read_text()
+    assert log0.count("worker rank 0 of 2: pid") == 1, log0  # one attempt: no restart
+    print(f"failed after {time.monotonic() - started:.0f} s")
 
 
 @pytest.mark.faults
@@ -241,8 +326,8 @@ def s3_endpoint():
 def test_a_run_on_s3_stopped_through_its_driver_resumes_from_s3_to_the_same_losses_and_exports(
     setup, runs, reference, tmp_path, s3_endpoint
 ):
-    """Storage on S3 (a local moto server), the job on an embedded Ray cluster. SIGTERM to the driver (what a
-    scheduler or `ray job stop` sends): the workers save one complete checkpoint within two step boundaries, with
+    """Storage on S3 (a local moto server), the job on an embedded Ray cluster. SIGINT (Ctrl-C) to the driver (the same
+    handler as for SIGTERM, which a scheduler or `ray job stop` sends): the workers save one complete checkpoint within two step boundaries, with
     every rank's shards, into S3 and end; the driver exits 75 naming how to resume. `infinitune status` lists the
     checkpoint, `infinitune resume` continues from S3 to the uninterrupted run's losses (each sample once per
     epoch), and `infinitune export` fetches the newest checkpoint from S3."""
@@ -268,12 +353,12 @@ def test_a_run_on_s3_stopped_through_its_driver_resumes_from_s3_to_the_same_loss
     )
     try:
         wait_for_step(config, 3)
-        driver.send_signal(signal.SIGTERM)
+        driver.send_signal(signal.SIGINT)  # Ctrl-C, which Ray Train's own handler once turned into an abort
         out, _ = driver.communicate(timeout=300)
     finally:
         driver.kill()
     assert driver.returncode == 75, out[-3000:]
-    assert "SIGTERM: the workers save within two step boundaries" in out
+    assert "SIGINT: the workers save within two step boundaries" in out
     assert f"infinitune resume {run_dir}" in out and uri in out
     saved = [(s, c) for s, _, c in remote_checkpoints(uri)]
     assert len(saved) == 1 and saved[0][1] and 3 <= saved[0][0] < STEPS  # saved at once, not at the interval

@@ -21,8 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from infinitune.cluster.config import ClusterConfig
+from infinitune.data_pipeline.errors import DataError
+from infinitune.trainer.checkpoint import CheckpointError
 from infinitune.trainer.context import RunContext
 from infinitune.trainer.preemption import EXIT_PREEMPTED
+from infinitune.typed_config import ConfigError
 
 log = logging.getLogger(__name__)
 EXIT_FAILED = 1
@@ -30,6 +33,15 @@ EXIT_FAILED = 1
 
 class JobFailed(RuntimeError):
     """The job failed and Ray's retries are used up; the message says what failed and how to go on."""
+
+
+class FatalError(RuntimeError):
+    """An error in a worker that a restart cannot fix: the job ends at its first failure with this message."""
+
+
+# Bad data, a bad config or a refused checkpoint fail the same way at every restart; so does a loss that turned
+# non-finite, since a restart repeats the same steps exactly from the same checkpoint.
+DETERMINISTIC = (DataError, ConfigError, CheckpointError, FloatingPointError)
 
 
 def ray_environment(embedded: bool) -> dict[str, str]:
@@ -58,7 +70,12 @@ def connect(cfg: ClusterConfig) -> bool:
     env = ray_environment(embedded)
     os.environ.update(env)
     if embedded:
+        # A cluster of its own: `address="local"` never joins a Ray already running on this machine, nor one that
+        # ended leaving its address file behind (RAY_ADDRESS too would be joined; the cluster's processes inherit
+        # it, and Ray's own state queries follow it).
+        os.environ.pop("RAY_ADDRESS", None)
         ray.init(
+            address="local",
             object_store_memory=cfg.object_store_memory_mb * 2**20,
             # On 127.0.0.1 only: Ray Train's state queries need it (without, its controller logs a failure
             # every few seconds), and the user gets a view of the run.
@@ -115,6 +132,7 @@ def torch_config(use_gpu: bool):
 
 
 def _worker_callbacks() -> list:
+    from ray.train import UserCallback
     from ray.train.v2._internal.execution.callback import WorkerCallback
 
     class PreemptionSignals(WorkerCallback):
@@ -137,7 +155,16 @@ def _worker_callbacks() -> list:
             if _threading.current_thread() is _threading.main_thread():
                 restore_process_handlers()  # Ray's own SIGTERM (exit) again, now that training is over
 
-    return [PreemptionSignals()]
+    class FailFast(UserCallback):
+        """On Ray Train's controller: a worker's FatalError ends the run at once instead of being retried
+        (an error raised here is a controller failure, which Ray does not retry)."""
+
+        def after_exception(self, run_context, worker_exceptions):
+            for _, error in sorted(worker_exceptions.items()):
+                if isinstance(error, FatalError):
+                    raise error
+
+    return [PreemptionSignals(), FailFast()]
 
 
 class RayContext(RunContext):
@@ -242,7 +269,10 @@ def _train_fn(config: dict[str, Any]) -> None:
     rank = ray.train.get_context().get_world_rank()
     configure_logging(rank, Path(config["run_dir"]) / "logs" / f"rank{rank}.log")
     context = RayContext(config.get("progress"), Path(config["run_dir"]), config.get("storage"), config.get("stop"))
-    code = train(spec_from_dict(config["job"], config["run_dir"]), context)
+    try:
+        code = train(spec_from_dict(config["job"], config["run_dir"]), context)
+    except DETERMINISTIC as e:
+        raise FatalError(f"{type(e).__name__}: {e}") from e
     context.upload_logs()  # what came after the last checkpoint (final evaluation, hparams)
     if code == EXIT_PREEMPTED and context.stopped_by_driver():
         return  # the user stopped the job: end here (the driver says how to resume), no restart
@@ -310,8 +340,12 @@ def run_job(
     bar.start()
     previous = _stop_on_signals(stop)
     try:
-        trainer.fit()
+        _fit_off_the_main_thread(trainer)
         stopped = _stop_requested(stop)
+    except ray.train.ControllerError as e:
+        if isinstance(e.controller_failure, FatalError):
+            raise JobFailed(_failure_message(e.controller_failure, run_dir, cluster, retried=False)) from None
+        raise JobFailed(_failure_message(e, run_dir, cluster)) from None
     except Exception as e:  # Ray wraps the worker's error; the user needs what, where and how to go on
         raise JobFailed(_failure_message(e, run_dir, cluster)) from None
     finally:
@@ -322,6 +356,26 @@ def run_job(
         if started:
             ray.shutdown()
     return EXIT_PREEMPTED if stopped else 0
+
+
+def _fit_off_the_main_thread(trainer) -> None:
+    """`trainer.fit()`, raising what it raises. In a thread of its own: on the main thread Ray Train installs
+    its own SIGINT handler, which aborts the run with no checkpoint (and exits 0); the driver's own handlers
+    (`_stop_on_signals`) stay in force on the main thread, which only waits."""
+    outcome: dict[str, BaseException] = {}
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as e:  # handed to the main thread
+            outcome["error"] = e
+
+    fitter = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    fitter.start()
+    while fitter.is_alive():
+        fitter.join(0.5)  # a bounded wait: signal handlers run on this thread in between
+    if "error" in outcome:
+        raise outcome["error"]
 
 
 def _stop_requested(stop) -> bool:
@@ -367,14 +421,25 @@ def _stop_on_signals(stop) -> dict:
     return previous
 
 
-def _failure_message(error: Exception, run_dir: Path, cluster: ClusterConfig) -> str:
+def _failure_message(error: Exception, run_dir: Path, cluster: ClusterConfig, retried: bool = True) -> str:
     cause = str(error).strip().splitlines()
     summary = next((line for line in reversed(cause) if line.strip()), type(error).__name__)
+    when = f"after {cluster.max_failures} restart(s)" if retried else "at once (a restart would fail the same way)"
     return (
-        f"training failed after {cluster.max_failures} restart(s): {summary}\n"
-        f"  worker logs: {run_dir / 'logs'} (and Ray's session logs under /tmp/ray/session_latest/logs)\n"
+        f"training failed {when}: {summary}\n"
+        f"  worker logs: {run_dir / 'logs'} (and Ray's, in {_session_logs()} on each node)\n"
         f"  continue from the last complete checkpoint: infinitune resume {run_dir}"
     )
+
+
+def _session_logs() -> str:
+    """This Ray session's log directory (`session_latest` may name another cluster's by now)."""
+    import ray
+
+    try:
+        return str(Path(ray._private.worker.global_worker.node.get_session_dir_path()) / "logs")
+    except Exception:  # disconnected already, or Ray's internals moved
+        return "/tmp/ray/session_*/logs"
 
 
 def _show_progress(progress, total: int, stop: threading.Event) -> None:

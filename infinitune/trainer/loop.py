@@ -52,6 +52,7 @@ from infinitune.trainer.model import AdaLoraBudget, build_model, parameter_count
 from infinitune.trainer.preemption import EXIT_PREEMPTED, Preemption
 from infinitune.trainer.schedule import make_scheduler
 from infinitune.trainer.scoring import HIGHER_IS_BETTER, score_rows
+from infinitune.typed_config import ConfigError
 
 log = logging.getLogger(__name__)
 EXIT_OK = 0
@@ -436,7 +437,7 @@ def resume_target(resume: str, checkpointer: Checkpointer) -> Path | None:
     path = Path(resume)
     problem = checkpointer.usable(path)
     if problem is not None:
-        raise FileNotFoundError(f"checkpoint.resume: {resume} is not a complete checkpoint: {problem}")
+        raise ConfigError("checkpoint.resume", f"{resume} is not a complete checkpoint: {problem}")
     return path
 
 

@@ -119,3 +119,13 @@ def test_a_job_submitted_to_host0_runs_one_worker_on_each_of_two_hosts_like_on_o
     assert [c["step"] for c in status["checkpoints"] if c["complete"]] == [4, 8]
     on_host0(hosts, "export", "runs/two-hosts", "--out", str(work / "export"), cwd=work, timeout=300)
     assert (work / "export" / "config.json").is_file() and list((work / "export").glob("*.safetensors"))
+
+
+def test_storage_on_one_hosts_own_disk_is_refused_before_the_job_starts(hosts, setup):
+    work = hosts.shared / "work"
+    config = job_config(setup, work, "node-local", cluster={"address": hosts.head_address, "storage_path": "/tmp/runs"})
+    out = hosts[0].call([*CLI, "train", config.name], env=hosts.ray_env(), cwd=work, timeout=300)
+    assert out.returncode == 2, (out.stdout + out.stderr)[-4000:]
+    assert "cluster.storage_path: /tmp/runs is not shared by the cluster's nodes" in out.stderr
+    assert hosts[1].address in out.stderr and hosts[2].address in out.stderr and "s3://" in out.stderr
+    assert not list((hosts[0].tmp / "runs" / "node-local").glob("checkpoints*"))  # nothing ran

@@ -17,6 +17,7 @@ import queue
 import signal
 import tempfile
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -304,6 +305,13 @@ def run_job(
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     started = connect(cluster)
+    try:
+        if storage is None:
+            check_storage_shared(run_dir)
+    except BaseException:
+        if started:
+            ray.shutdown()
+        raise
     # The driver's helpers live on the driver's node: a lost worker node must not take them along.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     progress = Queue(maxsize=1000, actor_options={"num_cpus": 0, "scheduling_strategy": here})
@@ -356,6 +364,51 @@ def run_job(
         if started:
             ray.shutdown()
     return EXIT_PREEMPTED if stopped else 0
+
+
+def _reads_back(path: str, token: str) -> bool:
+    try:
+        return Path(path).read_text() == token
+    except OSError:
+        return False
+
+
+def check_storage_shared(directory: Path, timeout: float = 120) -> None:
+    """Refuse a storage directory that the cluster's nodes do not share: a file written there on this node must
+    be read back, the same, on every other live node. Checkpoints on one node's own disk would be missing
+    wherever Ray restarts the workers, and the run could not continue."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    if len(nodes) < 2:
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex
+    probe = directory / f".storage-probe-{token}"
+    probe.write_text(token)
+    try:
+        reads = ray.remote(num_cpus=0, max_retries=0)(_reads_back)
+        seen = ray.get(
+            [
+                reads.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+                    str(probe), token
+                )
+                for n in nodes
+            ],
+            timeout=timeout,
+        )
+    finally:
+        probe.unlink(missing_ok=True)
+    blind = [n["NodeManagerAddress"] for n, ok in zip(nodes, seen) if not ok]
+    if blind:
+        raise ConfigError(
+            "cluster.storage_path",
+            f"{directory.parent} is not shared by the cluster's nodes: {', '.join(blind)} do not see what this node "
+            "writes there, so checkpoints would be missing wherever Ray restarts the workers. Use storage every "
+            "node reaches: s3://bucket/prefix (or another URI pyarrow knows: gs://, abfs://, hdfs://) or a shared "
+            "mount at the same path on every node",
+        )
 
 
 def _fit_off_the_main_thread(trainer) -> None:

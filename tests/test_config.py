@@ -95,6 +95,8 @@ def test_overrides_set_typed_values(tmp_path):
             "zero_stage 3",
         ),
         (["cluster.num_workers=0"], "cluster.num_workers", "must be positive"),
+        (["cluster.num_workers=[2, 1]"], "cluster.num_workers", "a range [min, max] with 0 < min <= max"),
+        (["cluster.num_workers=[2, 3]"], "train.global_batch_size", "8 does not split into micro-batches of 2 on 3"),
         (["data.seed=-1"], "data.seed", "must be >= 0"),
         (["name=a/b"], "name", "plain directory name"),
         (["model.path="], "model.path", "must name"),

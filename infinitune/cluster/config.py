@@ -14,8 +14,16 @@ class ClusterConfig:
     address: str | None = None
     """null: start an embedded Ray on this machine; `auto`, `ray://HEAD:10001` or `HEAD:6379` to join one."""
 
-    num_workers: int = 2
-    """Training workers (one process per GPU, or per CPU slot)."""
+    num_workers: int | list[int] = 2
+    """Training workers (one process per GPU, or per CPU slot); or a range `[min, max]` for an elastic job: it
+    starts on what the cluster has (at least min), continues on the workers that remain when a node is lost
+    with no replacement (down to min, from the newest complete checkpoint), and grows again at the next resize
+    check once nodes return. The global batch, learning-rate schedule and sample order are the same at every
+    size (gradient accumulation makes up the difference)."""
+
+    resize_check_s: float = 60.0
+    """With a range of workers: how often, while the job runs, Ray looks for room to grow it (each resize
+    restarts the workers from the newest complete checkpoint)."""
 
     use_gpu: bool = False
     """Give each worker a GPU."""
@@ -42,7 +50,15 @@ class ClusterConfig:
     """Object store size for an embedded Ray."""
 
     def __post_init__(self):
-        require(self.num_workers > 0, "num_workers", f"must be positive; got {self.num_workers}")
+        if isinstance(self.num_workers, list):
+            require(
+                len(self.num_workers) == 2 and 0 < self.num_workers[0] <= self.num_workers[1],
+                "num_workers",
+                f"a count, or a range [min, max] with 0 < min <= max; got {self.num_workers}",
+            )
+        else:
+            require(self.num_workers > 0, "num_workers", f"must be positive; got {self.num_workers}")
+        require(self.resize_check_s > 0, "resize_check_s", f"must be positive; got {self.resize_check_s}")
         require(self.cpus_per_worker > 0, "cpus_per_worker", f"must be positive; got {self.cpus_per_worker}")
         strategies = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
         require(self.placement_strategy in strategies, "placement_strategy", f"must be one of {strategies}")
@@ -54,3 +70,15 @@ class ClusterConfig:
             "must not hold credentials; give them through the environment (AWS_ACCESS_KEY_ID, ...)",
         )
         require(self.object_store_memory_mb >= 78, "object_store_memory_mb", "Ray needs at least 78 MB")
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """(fewest, most) workers: the same number twice unless the job is elastic."""
+        if isinstance(self.num_workers, list):
+            return self.num_workers[0], self.num_workers[1]
+        return self.num_workers, self.num_workers
+
+    @property
+    def elastic(self) -> bool:
+        low, high = self.worker_range
+        return low != high

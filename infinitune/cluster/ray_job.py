@@ -329,7 +329,8 @@ def run_job(
             "stop": stop,
         },
         scaling_config=ScalingConfig(
-            num_workers=cluster.num_workers,
+            num_workers=cluster.worker_range if cluster.elastic else cluster.worker_range[0],
+            elastic_resize_monitor_interval_s=cluster.resize_check_s,
             use_gpu=cluster.use_gpu,
             resources_per_worker=resources,
             placement_strategy=cluster.placement_strategy,
@@ -506,7 +507,9 @@ def _show_progress(progress, total: int, stop: threading.Event) -> None:
                 row = progress.get(timeout=0.5)
             except (queue.Empty, Exception):
                 continue
-            if "train/loss" in row:
+            if "cluster/workers" in row:
+                bar.write(f"step {row['step']}: {row['message']}")
+            elif "train/loss" in row:
                 bar.n = row["step"]
                 bar.set_postfix(
                     loss=f"{row['train/loss']:.4f}", tok_s=f"{row.get('perf/tokens_per_s', 0):.0f}", refresh=False

@@ -107,7 +107,7 @@ def _run_locked(cfg, run_dir: Path, local: bool) -> int:
     if local:
         from infinitune.launcher.local import start_workers, wait_workers
 
-        code = wait_workers(start_workers(config_path, cfg.cluster.num_workers), cfg.checkpoint.preemption_grace_s)
+        code = wait_workers(start_workers(config_path, cfg.cluster.worker_range[1]), cfg.checkpoint.preemption_grace_s)
     else:
         from infinitune.cluster.ray_job import JobFailed, run_job
 

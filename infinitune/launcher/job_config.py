@@ -78,7 +78,9 @@ class JobConfig:
             "name",
             f"must be a plain directory name; got {self.name!r}",
         )
-        check_batch_fits(self.train.global_batch_size, self.train.micro_batch_size, self.cluster.num_workers)
+        low, high = self.cluster.worker_range
+        for workers in range(low, high + 1):  # an elastic job may run at any size in its range
+            check_batch_fits(self.train.global_batch_size, self.train.micro_batch_size, workers)
 
         adapter = self.model.adapter
         if adapter is not None and adapter.method == "adalora" and self.deepspeed.zero_stage > 0:

@@ -381,6 +381,14 @@ def setup(spec: TrainerSpec, ctx: RunContext) -> Workspace:
 
     peak, peak_source = device_peak_tflops(spec.logging.peak_tflops)
     metrics = MetricsWriter(run_dir, enabled=rank == 0, tensorboard=spec.logging.tensorboard)
+    metrics.scalars(state.step, {"cluster/workers": world})
+    written_by = saved["world_size"] if restore is not None else world
+    if written_by != world:
+        # The launcher restarted the workers with another size: a node lost with no replacement, nodes back
+        # (an elastic job's resize), or a resume with another cluster.num_workers.
+        message = f"continuing on {world} workers from step {state.step}, which {written_by} workers wrote"
+        log.warning("%s (same global batch, schedule and sample order)", message)
+        ctx.report(state.step, {"cluster/workers": world, "message": message}, None)
     if restore is None and rank == 0:
         import yaml
 

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import pytest
@@ -230,45 +229,6 @@ def test_exhausted_retries_say_what_failed_and_how_to_resume(setup, runs):
     assert code == 1
     assert "training failed after 1 restart(s)" in out
     assert f"infinitune resume {run_dir_of(config)}" in out and "logs" in out
-
-
-@pytest.mark.faults
-def test_a_lost_node_costs_only_the_steps_since_the_checkpoint(setup, runs, reference, tmp_path):
-    import ray
-    from ray.cluster_utils import Cluster
-
-    from infinitune.cluster.ray_job import ray_environment, run_job
-    from infinitune.launcher.job_config import load_job_config
-
-    os.environ.update(ray_environment(embedded=True))
-    short = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # socket paths must stay under 108 bytes
-    os.environ["RAY_TMPDIR"] = short
-    config = tiny_job(setup, runs, "ray-lost-node", cluster={"address": "auto"})
-    cfg = load_job_config(config)
-    run_dir = run_dir_of(config)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    try:
-        nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
-        ray.init(address=cluster.address)
-        result = {}
-        job = threading.Thread(
-            target=lambda: result.setdefault("code", run_job(cfg.to_dict(), run_dir, cfg.cluster, 2, STEPS))
-        )
-        job.start()
-        wait_for_step(config, 12)
-        cluster.remove_node(nodes[1])  # a worker's node is gone
-        time.sleep(2)
-        cluster.add_node(num_cpus=1)  # the autoscaler brings another
-        job.join(timeout=600)
-        assert result.get("code") == 0
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        os.environ.pop("RAY_TMPDIR", None)
-        shutil.rmtree(short, ignore_errors=True)
-    want, got = step_losses(reference), step_losses(config)
-    assert sorted(got) == list(range(1, STEPS + 1))
-    assert max(abs(got[s] - want[s]) for s in got) <= 1e-6
 
 
 @pytest.fixture

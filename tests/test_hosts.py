@@ -1,11 +1,13 @@
 """Many hosts on one machine (infinitune/testing/hosts.py): network namespaces on a bridge, each with its own
 address from 127.77.0.0/24, its own /tmp and a host name that resolves to loopback (Ubuntu's default), a Ray
-head on host 0 (0 CPUs: it holds the job's driver and a local S3 server) and a 1-CPU Ray node on each other
-host. Real TCP between the hosts: Ray's, gloo's and S3's. Needs root; skipped, saying why, elsewhere."""
+head on host 0 (0 CPUs: it holds the job's driver and a local S3 server) and a 1-CPU Ray node on each of
+hosts 1-3. Real TCP between the hosts: Ray's, gloo's and S3's. The cases share the cluster and run in order:
+a lost host stays lost for the cases after it. Needs root; skipped, saying why, elsewhere."""
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 
@@ -13,13 +15,21 @@ import pytest
 
 from infinitune.testing.hosts import Hosts, HostsUnavailable, check_available
 
-from .train_helpers import job_config, logs, make_tiny_setup, run, step_losses
+from .train_helpers import job_config, logs, make_tiny_setup, run, run_dir_of, step_losses, wait_for_step
 
 pytestmark = [pytest.mark.slow, pytest.mark.hosts]
 
 S3_PORT = 5555
 BUCKET = "bkt"
 CLI = [sys.executable, "-m", "infinitune.launcher.cli"]
+STEPS = 40
+# Ray's failure detection, quickened for tests: the GCS declares a node dead after 3 missed health checks 1 s
+# apart (production defaults: 5 missed, 3 s apart, 10 s timeout; see docs/operations.md).
+FAILURE_DETECTION = {
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_timeout_ms": "1000",
+    "RAY_health_check_failure_threshold": "3",
+}
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +38,7 @@ def hosts():
         check_available()
     except HostsUnavailable as e:
         pytest.skip(str(e))
-    with Hosts(3) as made:
+    with Hosts(4) as made:
         s3 = {
             "AWS_ACCESS_KEY_ID": "testing",
             "AWS_SECRET_ACCESS_KEY": "testing-secret",
@@ -41,7 +51,8 @@ def hosts():
         made.wait_for_port(made[0], S3_PORT)
         create = f"import boto3; boto3.client('s3').create_bucket(Bucket={BUCKET!r})"
         assert made[0].call([sys.executable, "-c", create], env=s3).returncode == 0
-        env = {**s3, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+        env = {**s3, **FAILURE_DETECTION, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+        made.node_env = env
         made.start_ray_head(made[0], num_cpus=0, **env)
         for host in made.hosts[1:]:
             made.start_ray_node(host, num_cpus=1, **env)
@@ -105,7 +116,8 @@ def test_a_job_submitted_to_host0_runs_one_worker_on_each_of_two_hosts_like_on_o
             text = log.read_text()
             assert f" on {host.namespace}" in text and "worker rank" in text
             placed[log.name] = host.index
-    assert sorted(placed) == ["rank0.log", "rank1.log"] and sorted(placed.values()) == [1, 2], placed
+    assert sorted(placed) == ["rank0.log", "rank1.log"], placed
+    assert len(set(placed.values())) == 2 and 0 not in placed.values(), placed  # two hosts, not the head
 
     # The same run on one host (two local worker processes): the same losses.
     local = job_config(setup, hosts.shared / "local", "one-host", **{**sections, "cluster": {}})
@@ -129,3 +141,119 @@ def test_storage_on_one_hosts_own_disk_is_refused_before_the_job_starts(hosts, s
     assert "cluster.storage_path: /tmp/runs is not shared by the cluster's nodes" in out.stderr
     assert hosts[1].address in out.stderr and hosts[2].address in out.stderr and "s3://" in out.stderr
     assert not list((hosts[0].tmp / "runs" / "node-local").glob("checkpoints*"))  # nothing ran
+
+
+@pytest.fixture(scope="module")
+def reference(hosts, setup):
+    """The fault cases' job, uninterrupted, on one host (two local worker processes)."""
+    config = fault_job(hosts, setup, "reference-one-host", cluster={})
+    assert "address" not in config.read_text()
+    assert run(config) == 0, logs(config)
+    return config
+
+
+def fault_job(hosts, setup, name, cluster: dict | None = None):
+    """The fault cases' job: 40 steps, checkpoints every 5 into S3, on the hosts' cluster (`cluster`: overrides
+    of its section); with cluster={} a plain local job of the same training."""
+    if cluster is None or cluster:
+        cluster = {
+            "address": hosts.head_address,
+            "num_workers": 2,
+            "storage_path": f"s3://{BUCKET}/runs",
+            "local_dir": str(hosts.shared / "work" / "runs"),  # the driver's run directory: logs and metrics
+            **(cluster or {}),
+        }
+    return job_config(
+        setup,
+        hosts.shared / "work",
+        name,
+        train={"max_steps": STEPS, "eval_every": 0},
+        checkpoint={"every_steps": 5},
+        cluster=cluster,
+        logging={"log_samples": True},
+    )
+
+
+def start_driver(hosts, config, env=None):
+    """`infinitune train CONFIG` on host 0, joining the cluster; its output in RUN_DIR.driver.log."""
+    log = config.with_suffix(".driver.log")
+    env = {**hosts.ray_env(), **hosts.s3, **(env or {})}
+    return hosts[0].run([*CLI, "train", str(config)], env=env, log=log), log
+
+
+def host_of_rank(hosts, config, rank: int, after: float = 0.0):
+    """The host whose worker was rank `rank` in the newest worker group started after `after` (time.time())."""
+    text = (run_dir_of(config) / "logs" / f"rank{rank}.log").read_text()
+    found = None
+    for stamp, name in re.findall(
+        rf"^(\S+ \S+) rank{rank} INFO \S+: worker rank {rank} of \d+: pid \d+ on (\S+)", text, re.M
+    ):
+        if time.mktime(time.strptime(stamp.split(",")[0], "%Y-%m-%d %H:%M:%S")) >= after - 1:
+            found = name
+    return next((h for h in hosts if h.namespace == found), None)
+
+
+def samples(config) -> list[int]:
+    rows = {}
+    for line in (run_dir_of(config) / "samples.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows[row["step"]] = row["ids"]  # a step run again after a restart keeps its last record
+    return [i for s in sorted(rows) for i in rows[s]]
+
+
+def assert_like_reference(config, reference, tolerance):
+    got, want = step_losses(config), step_losses(reference)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    worst = max(abs(got[s] - want[s]) for s in got)
+    assert worst <= tolerance, worst
+    assert samples(config) == samples(reference)  # every sample once, in the same order
+    return worst
+
+
+def test_a_lost_host_is_replaced_by_the_spare_and_the_losses_do_not_change(hosts, setup, reference):
+    config = fault_job(hosts, setup, "spare")
+    driver, log = start_driver(hosts, config)
+    wait_for_step(config, 8, timeout=300)
+    victim = host_of_rank(hosts, config, 1)
+    assert victim is not None and victim.index != 0
+    lost = time.time()
+    victim.kill()  # the host goes: its raylet, its worker, everything on it
+    driver.wait(timeout=600)
+    assert driver.returncode == 0, log.read_text()[-5000:]
+    placed = {host_of_rank(hosts, config, r, after=lost).index for r in (0, 1)}
+    assert placed == {1, 2, 3} - {victim.index}, (placed, victim.index)  # on the two hosts left: the spare's in
+    assert_like_reference(config, reference, 1e-6)
+    metrics = [json.loads(line) for line in (run_dir_of(config) / "metrics.jsonl").read_text().splitlines()]
+    back = min(r["step"] for r in metrics if r["time"] > lost and "train/loss" in r)
+    first = min(r["time"] for r in metrics if r["time"] > lost and "train/loss" in r)
+    print(f"host lost at step >= 8, first new step {back} after {first - lost:.1f} s")
+
+
+def test_a_lost_host_without_spare_shrinks_the_job_which_grows_back_when_the_host_returns(hosts, setup, reference):
+    # Two worker hosts (the case before lost one); with a range of workers the job runs on both, on one, and on
+    # both again.
+    for extra in [h for h in hosts if h.index and h.pids()][2:]:
+        extra.kill()
+    config = fault_job(hosts, setup, "elastic", cluster={"num_workers": [1, 2], "resize_check_s": 5})
+    # Every step made 1 s longer, so that the job on one worker outlasts the host's return and a resize check.
+    driver, log = start_driver(hosts, config, {"INFINITUNE_FAULT": "after_step:*:slow", "INFINITUNE_FAULT_SLOW_S": "1"})
+    wait_for_step(config, 8, timeout=300)
+    victim = host_of_rank(hosts, config, 1)
+    assert victim is not None and victim.index != 0
+    victim.kill()
+    deadline = time.monotonic() + 300
+    while "continuing on 1 workers" not in (run_dir_of(config) / "logs" / "rank0.log").read_text():
+        assert time.monotonic() < deadline and driver.poll() is None, log.read_text()[-5000:]
+        time.sleep(1)
+    hosts.start_ray_node(victim, num_cpus=1, **hosts.node_env)  # the host is back
+    driver.wait(timeout=600)
+    assert driver.returncode == 0, log.read_text()[-5000:]
+    text = (run_dir_of(config) / "logs" / "rank0.log").read_text()
+    assert "continuing on 1 workers" in text and "continuing on 2 workers" in text
+    sizes = [
+        json.loads(line).get("cluster/workers")
+        for line in (run_dir_of(config) / "metrics.jsonl").read_text().splitlines()
+    ]
+    sizes = [n for n in sizes if n is not None]
+    assert sizes[0] == 2 and 1 in sizes and sizes[-1] == 2, sizes  # TensorBoard's cluster/workers too
+    assert_like_reference(config, reference, 1e-4)

@@ -393,3 +393,18 @@ def test_a_process_that_loaded_partitioned_loads_whole_models_afterwards(tiny_mo
     lm = load_causal_lm(ModelConfig(path=str(tiny_model_dir)), torch.float32)
     assert not is_deepspeed_zero3_enabled()
     assert all(p.numel() > 0 and not hasattr(p, "ds_id") for p in lm.parameters())
+
+
+def test_a_fault_at_every_step_and_its_slow_wait(monkeypatch):
+    import time
+
+    from infinitune.trainer import faults
+
+    monkeypatch.setenv("INFINITUNE_FAULT", "rank1:after_step:*:slow,after_step:7:nomem")
+    monkeypatch.setenv("INFINITUNE_FAULT_SLOW_S", "0.2")
+    assert faults.injected("after_step", 3, 1, "slow") and faults.injected("after_step", 90, 1, "slow")
+    assert not faults.injected("after_step", 3, 0, "slow") and not faults.injected("during_save", 3, 1, "slow")
+    assert faults.injected("after_step", 7, 0, "nomem") and not faults.injected("after_step", 8, 0, "nomem")
+    started = time.perf_counter()
+    faults.maybe_fail("after_step", 5, 1)
+    assert 0.2 <= time.perf_counter() - started < 2.5

@@ -55,7 +55,13 @@ def ray_environment(embedded: bool) -> dict[str, str]:
     if embedded:
         # A cluster of this process alone, on 127.0.0.1: no token file written into the user's home.
         env["RAY_AUTH_MODE"] = os.environ.get("RAY_AUTH_MODE", "disabled")
-    for name in ("INFINITUNE_FAULT", "INFINITUNE_FAULT_ONCE", "INFINITUNE_CACHE", "HF_HUB_OFFLINE"):
+    for name in (
+        "INFINITUNE_FAULT",
+        "INFINITUNE_FAULT_ONCE",
+        "INFINITUNE_FAULT_SLOW_S",
+        "INFINITUNE_CACHE",
+        "HF_HUB_OFFLINE",
+    ):
         if name in os.environ:  # what the driver's environment says about the run, the workers see too
             env[name] = os.environ[name]
     return env

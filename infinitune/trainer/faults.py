@@ -3,8 +3,8 @@
 Set INFINITUNE_FAULT to `POINT:STEP` or `rankR:POINT:STEP`, e.g. `after_step:7` (every rank, after step 7)
 or `rank1:during_save:10` (rank 1, halfway through writing checkpoint 10): the process is killed (SIGKILL).
 A trailing `:enospc` raises "No space left on device" there instead, as a full disk would; `:slow` waits 3 s
-there, as a slow file system would; `:nomem` makes a background save find no host memory to copy the state
-into there (point `snapshot`). Several faults are separated by commas. With INFINITUNE_FAULT_ONCE set
+there (INFINITUNE_FAULT_SLOW_S seconds, if set), as a slow file system would; `:nomem` makes a background save find no host memory to copy the state
+into there (point `snapshot`). A step of `*` is every step. Several faults are separated by commas. With INFINITUNE_FAULT_ONCE set
 to a file path, a kill or a full disk happens once (the file records it), so a restarted worker runs on. Unset, nothing happens.
 """
 
@@ -38,7 +38,7 @@ def _matches(spec: str, point: str, step: int, rank: int) -> str | None:
     action = "kill"
     if parts and parts[-1] in ("enospc", "slow", "nomem"):
         action, parts = parts[-1], parts[:-1]
-    return action if parts == [point, str(step)] else None
+    return action if len(parts) == 2 and parts[0] == point and parts[1] in ("*", str(step)) else None
 
 
 def _maybe_fail(spec: str, point: str, step: int, rank: int) -> None:
@@ -46,7 +46,7 @@ def _maybe_fail(spec: str, point: str, step: int, rank: int) -> None:
     if action is None or action == "nomem":
         return
     if action == "slow":
-        time.sleep(3.0)
+        time.sleep(float(os.environ.get("INFINITUNE_FAULT_SLOW_S", "3")))
         return
     once = os.environ.get("INFINITUNE_FAULT_ONCE")
     if once:

@@ -257,3 +257,47 @@ def test_a_lost_host_without_spare_shrinks_the_job_which_grows_back_when_the_hos
     sizes = [n for n in sizes if n is not None]
     assert sizes[0] == 2 and 1 in sizes and sizes[-1] == 2, sizes  # TensorBoard's cluster/workers too
     assert_like_reference(config, reference, 1e-4)
+
+
+def node_id_of(hosts, host) -> str:
+    script = (
+        f"import ray; ray.init(address={hosts.head_address!r}, logging_level='ERROR'); "
+        f"print([n['NodeID'] for n in ray.nodes() if n['Alive'] and n['NodeManagerAddress'] == {host.address!r}][0])"
+    )
+    out = hosts[0].call([sys.executable, "-c", script], env=hosts.ray_env(), timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_a_host_drained_for_preemption_gets_one_coordinated_checkpoint_before_it_goes(hosts, setup, reference):
+    # A spare again: every worker host up (the cases before left some down).
+    for host in hosts:
+        if host.index and not host.pids():
+            hosts.start_ray_node(host, num_cpus=1, **hosts.node_env)
+    hosts.wait_for_nodes(len(hosts))
+    config = fault_job(hosts, setup, "drained")
+    driver, log = start_driver(
+        hosts, config, {"INFINITUNE_FAULT": "after_step:*:slow", "INFINITUNE_FAULT_SLOW_S": "0.3"}
+    )
+    wait_for_step(config, 8, timeout=300)
+    victim = host_of_rank(hosts, config, 1)
+    drain = [
+        str(hosts.ray_bin),
+        "drain-node",
+        f"--address={hosts.head_address}",
+        f"--node-id={node_id_of(hosts, victim)}",
+        "--reason=DRAIN_NODE_REASON_PREEMPTION",
+        "--reason-message=spot instance reclaimed",
+        "--deadline-remaining-seconds=60",
+    ]
+    out = hosts[0].call(drain, env=hosts.ray_env(), timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    driver.wait(timeout=600)
+    victim.kill()  # the drain's deadline: the provider takes the host
+    assert driver.returncode == 0, log.read_text()[-5000:]
+    text = (run_dir_of(config) / "logs" / "rank0.log").read_text()
+    stopped = re.search(r"stopped at step (\d+) on (preemption notice|another rank.s request)", text)
+    assert stopped, text[-3000:]
+    step = int(stopped.group(1))
+    assert step % 5 and f"step_{step:06d} (step {step})" in text  # saved at once (not a periodic one), resumed there
+    assert_like_reference(config, reference, 1e-6)

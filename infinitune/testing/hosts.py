@@ -228,6 +228,10 @@ class Hosts:
     def dashboard(self) -> str:
         return f"http://{self.hosts[0].address}:{DASHBOARD_PORT}"
 
+    @property
+    def ray_bin(self) -> Path:
+        return Path(sys.executable).parent / "ray"
+
     def ray_env(self) -> dict[str, str]:
         venv_bin = str(Path(sys.executable).parent)
         return {
@@ -260,7 +264,7 @@ class Hosts:
     def _ray(self, host: Host, args: list[str], num_cpus: int, object_store_mb: int, extra_env: dict) -> None:
         host.run(
             [
-                str(Path(sys.executable).parent / "ray"),
+                str(self.ray_bin),
                 "start",
                 *args,
                 f"--node-ip-address={host.address}",

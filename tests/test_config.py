@@ -33,6 +33,21 @@ def test_every_shipped_config_loads(path, tmp_path):
     assert load_job_config(resolved) == cfg
 
 
+def test_the_kuberay_job_runs_a_shipped_config_with_overrides_that_load():
+    import shlex
+
+    repo = Path(__file__).resolve().parents[1]
+    job = yaml.safe_load((repo / "deploy" / "kuberay-rayjob.yaml").read_text())
+    words = shlex.split(job["spec"]["entrypoint"])
+    assert words[:2] == ["infinitune", "train"]
+    config = repo / "configs" / Path(words[2]).name  # the image holds the repo's configs under /app
+    cfg = load_job_config(config, words[3:])
+    assert cfg.cluster.address == "auto" and cfg.cluster.storage_path.startswith("s3://")
+    workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    gpus = int(workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    assert cfg.cluster.worker_range[1] <= workers["replicas"] * gpus  # the workers fit the cluster it asks for
+
+
 def _write(tmp_path, text: str) -> Path:
     p = tmp_path / "job.yaml"
     p.write_text(text)

@@ -39,24 +39,8 @@ def hosts():
     except HostsUnavailable as e:
         pytest.skip(str(e))
     with Hosts(4) as made:
-        s3 = {
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing-secret",
-            "AWS_ENDPOINT_URL": f"http://{made[0].address}:{S3_PORT}",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_REGION": "us-east-1",
-        }
-        made.s3 = s3
-        made[0].run([sys.executable, "-m", "moto.server", "-H", made[0].address, "-p", str(S3_PORT)])
-        made.wait_for_port(made[0], S3_PORT)
-        create = f"import boto3; boto3.client('s3').create_bucket(Bucket={BUCKET!r})"
-        assert made[0].call([sys.executable, "-c", create], env=s3).returncode == 0
-        env = {**s3, **FAILURE_DETECTION, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
-        made.node_env = env
-        made.start_ray_head(made[0], num_cpus=0, **env)
-        for host in made.hosts[1:]:
-            made.start_ray_node(host, num_cpus=1, **env)
-        made.wait_for_nodes(len(made))
+        made.s3 = made.start_s3(made[0], S3_PORT, BUCKET)
+        made.start_ray_cluster({**made.s3, **FAILURE_DETECTION})
         yield made
     assert made.leftovers() == []  # namespaces (and their veths), /tmp directories, processes: all gone
 
@@ -234,12 +218,14 @@ def test_a_lost_host_without_spare_shrinks_the_job_which_grows_back_when_the_hos
     # both again.
     for extra in [h for h in hosts if h.index and h.pids()][2:]:
         extra.kill()
-    config = fault_job(hosts, setup, "elastic", cluster={"num_workers": [1, 2], "resize_check_s": 5})
+    elastic = {"num_workers": [1, 2], "resize_check_s": 5, "worker_start_timeout_s": 15}
+    config = fault_job(hosts, setup, "elastic", cluster=elastic)
     # Every step made 1 s longer, so that the job on one worker outlasts the host's return and a resize check.
     driver, log = start_driver(hosts, config, {"INFINITUNE_FAULT": "after_step:*:slow", "INFINITUNE_FAULT_SLOW_S": "1"})
     wait_for_step(config, 8, timeout=300)
     victim = host_of_rank(hosts, config, 1)
     assert victim is not None and victim.index != 0
+    lost = time.time()
     victim.kill()
     deadline = time.monotonic() + 300
     while "continuing on 1 workers" not in (run_dir_of(config) / "logs" / "rank0.log").read_text():
@@ -250,11 +236,10 @@ def test_a_lost_host_without_spare_shrinks_the_job_which_grows_back_when_the_hos
     assert driver.returncode == 0, log.read_text()[-5000:]
     text = (run_dir_of(config) / "logs" / "rank0.log").read_text()
     assert "continuing on 1 workers" in text and "continuing on 2 workers" in text
-    sizes = [
-        json.loads(line).get("cluster/workers")
-        for line in (run_dir_of(config) / "metrics.jsonl").read_text().splitlines()
-    ]
-    sizes = [n for n in sizes if n is not None]
+    rows = [json.loads(line) for line in (run_dir_of(config) / "metrics.jsonl").read_text().splitlines()]
+    changes = [(round(r["time"] - lost, 1), r["step"], r["cluster/workers"]) for r in rows if "cluster/workers" in r]
+    print("(seconds after the loss, step, workers):", changes, "end", round(rows[-1]["time"] - lost, 1))
+    sizes = [n for _, _, n in changes]
     assert sizes[0] == 2 and 1 in sizes and sizes[-1] == 2, sizes  # TensorBoard's cluster/workers too
     assert_like_reference(config, reference, 1e-4)
 

@@ -25,6 +25,11 @@ class ClusterConfig:
     """With a range of workers: how often, while the job runs, Ray looks for room to grow it (each resize
     restarts the workers from the newest complete checkpoint)."""
 
+    worker_start_timeout_s: float = 60.0
+    """How long Ray Train waits for a worker group to start before it decides again. An elastic job that lost a
+    node may first try its old size while the node's resources are still counted, and shrinks only after this
+    timeout; lower it to shrink sooner, but above the time workers take to start (image pulls, imports)."""
+
     use_gpu: bool = False
     """Give each worker a GPU."""
 
@@ -58,6 +63,7 @@ class ClusterConfig:
             )
         else:
             require(self.num_workers > 0, "num_workers", f"must be positive; got {self.num_workers}")
+        require(self.worker_start_timeout_s > 0, "worker_start_timeout_s", "must be positive")
         require(self.resize_check_s > 0, "resize_check_s", f"must be positive; got {self.resize_check_s}")
         require(self.cpus_per_worker > 0, "cpus_per_worker", f"must be positive; got {self.cpus_per_worker}")
         strategies = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")

@@ -45,10 +45,13 @@ class FatalError(RuntimeError):
 DETERMINISTIC = (DataError, ConfigError, CheckpointError, FloatingPointError)
 
 
-def ray_environment(embedded: bool) -> dict[str, str]:
+def ray_environment(embedded: bool, worker_start_timeout_s: float = 60.0) -> dict[str, str]:
     env = {
         # Ray Train's controller polls its workers this often; report() waits for it (2 s by default).
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"),
+        # How long the controller waits for a worker group to start before it decides again (an elastic job on
+        # fewer workers, once a lost node's resources are still counted).
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(worker_start_timeout_s),
         "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore::FutureWarning"),
         "TOKENIZERS_PARALLELISM": "false",
     }
@@ -74,7 +77,7 @@ def connect(cfg: ClusterConfig) -> bool:
     if ray.is_initialized():
         return False
     embedded = cfg.address is None
-    env = ray_environment(embedded)
+    env = ray_environment(embedded, cfg.worker_start_timeout_s)
     os.environ.update(env)
     if embedded:
         # A cluster of its own: `address="local"` never joins a Ray already running on this machine, nor one that

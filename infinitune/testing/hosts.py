@@ -149,6 +149,7 @@ class Hosts:
         self.root = Path(tempfile.mkdtemp(prefix=f"inft-hosts-{self.tag}-", dir="/var/tmp"))
         self.shared = self.root / "shared"
         self.hosts: list[Host] = []
+        self.node_env: dict[str, str] = {}
 
     def __getitem__(self, i: int) -> Host:
         return self.hosts[i]
@@ -277,6 +278,33 @@ class Hosts:
             env={**self.ray_env(), **extra_env},
             log=self.root / f"h{host.index}-ray.log",
         )
+
+    def start_s3(self, host: Host, port: int = 5555, bucket: str = "bkt") -> dict[str, str]:
+        """An S3 server (moto's) on `host` with one bucket; returns the AWS_* environment that points at it."""
+        env = {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing-secret",
+            "AWS_ENDPOINT_URL": f"http://{host.address}:{port}",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_REGION": "us-east-1",
+        }
+        host.run([sys.executable, "-m", "moto.server", "-H", host.address, "-p", str(port)])
+        self.wait_for_port(host, port)
+        create = f"import boto3; boto3.client('s3').create_bucket(Bucket={bucket!r})"
+        made = host.call([sys.executable, "-c", create], env=env)
+        if made.returncode:
+            raise RuntimeError(f"could not create the bucket: {made.stderr[-2000:]}")
+        return env
+
+    def start_ray_cluster(self, node_env: dict[str, str] | None = None) -> None:
+        """A Ray head on host 0 with no CPUs (the job's driver and Ray Train's controller go there, no worker)
+        and a 1-CPU node on every other host; returns once all have joined. `node_env`: every node's
+        environment (credentials, Ray settings such as RAY_health_check_period_ms)."""
+        self.node_env = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", **(node_env or {})}
+        self.start_ray_head(self.hosts[0], num_cpus=0, **self.node_env)
+        for host in self.hosts[1:]:
+            self.start_ray_node(host, num_cpus=1, **self.node_env)
+        self.wait_for_nodes(len(self.hosts))
 
     def wait_for_port(self, host: Host, port: int, timeout: float = 90) -> None:
         probe = f"import socket; socket.create_connection(({host.address!r}, {port}), timeout=1)"

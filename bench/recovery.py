@@ -119,10 +119,13 @@ def lost_host(args) -> None:
             hosts.start_ray_cluster({**hosts.s3, **(FAILURE_DETECTION if args.fast_detection else {})})
             train_tiny_tokenizer(hosts.shared / "tokenizer")
             setup = make_tiny_setup(hosts.shared / "setup", hosts.shared / "tokenizer")
-            cluster = {} if spare else {"num_workers": [1, 2]}
+            cluster = None if spare else {"num_workers": [1, 2], "worker_start_timeout_s": 15}
             config = fault_job(hosts, setup, "spare" if spare else "no-spare", cluster)
             driver, log = start_driver(hosts, config)
-            wait_for_step(config, args.kill_after, timeout=300)
+            try:
+                wait_for_step(config, args.kill_after, timeout=300)
+            except TimeoutError:
+                raise SystemExit(log.read_text()[-5000:]) from None
             victim = host_of_rank(hosts, config, 1)
             lost = time.time()
             victim.kill()

@@ -115,8 +115,8 @@ def lost_host(args) -> None:
     rows = []
     for spare in (True, False):
         with Hosts(4 if spare else 3) as hosts:
-            hosts.s3 = hosts.start_s3(hosts[0])
-            hosts.start_ray_cluster({**hosts.s3, **(FAILURE_DETECTION if args.fast_detection else {})})
+            hosts.start_s3(hosts[0])
+            hosts.start_ray_cluster({**hosts.s3_env, **(FAILURE_DETECTION if args.fast_detection else {})})
             train_tiny_tokenizer(hosts.shared / "tokenizer")
             setup = make_tiny_setup(hosts.shared / "setup", hosts.shared / "tokenizer")
             cluster = None if spare else {"num_workers": [1, 2], "worker_start_timeout_s": 15}

@@ -39,8 +39,8 @@ def hosts():
     except HostsUnavailable as e:
         pytest.skip(str(e))
     with Hosts(4) as made:
-        made.s3 = made.start_s3(made[0], S3_PORT, BUCKET)
-        made.start_ray_cluster({**made.s3, **FAILURE_DETECTION})
+        made.start_s3(made[0], S3_PORT, BUCKET)
+        made.start_ray_cluster({**made.s3_env, **FAILURE_DETECTION})
         yield made
     assert made.leftovers() == []  # namespaces (and their veths), /tmp directories, processes: all gone
 
@@ -52,7 +52,7 @@ def setup(hosts, tiny_tokenizer_dir):
 
 
 def on_host0(hosts, *args, cwd=None, timeout=120):
-    out = hosts[0].call([*CLI, *args], env={**hosts.ray_env(), **hosts.s3}, cwd=cwd, timeout=timeout)
+    out = hosts[0].call([*CLI, *args], env={**hosts.ray_env(), **hosts.s3_env}, cwd=cwd, timeout=timeout)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     return out.stdout
 
@@ -69,7 +69,7 @@ def wait_for_job(hosts, job_id, cwd, timeout=600) -> str:
 
 def read_s3(hosts, key: str) -> str:
     script = f"import boto3, sys; sys.stdout.write(boto3.client('s3').get_object(Bucket={BUCKET!r}, Key={key!r})['Body'].read().decode())"
-    out = hosts[0].call([sys.executable, "-c", script], env=hosts.s3)
+    out = hosts[0].call([sys.executable, "-c", script], env=hosts.s3_env)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout
 
@@ -161,8 +161,18 @@ def fault_job(hosts, setup, name, cluster: dict | None = None):
 def start_driver(hosts, config, env=None):
     """`infinitune train CONFIG` on host 0, joining the cluster; its output in RUN_DIR.driver.log."""
     log = config.with_suffix(".driver.log")
-    env = {**hosts.ray_env(), **hosts.s3, **(env or {})}
+    env = {**hosts.ray_env(), **hosts.s3_env, **(env or {})}
     return hosts[0].run([*CLI, "train", str(config)], env=env, log=log), log
+
+
+def finish(driver, timeout: float = 600) -> None:
+    """Wait for the driver; one still running then is ended (by its id), not left to disturb the next case."""
+    try:
+        driver.wait(timeout=timeout)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait(timeout=30)
 
 
 def host_of_rank(hosts, config, rank: int, after: float = 0.0):
@@ -202,7 +212,7 @@ def test_a_lost_host_is_replaced_by_the_spare_and_the_losses_do_not_change(hosts
     assert victim is not None and victim.index != 0
     lost = time.time()
     victim.kill()  # the host goes: its raylet, its worker, everything on it
-    driver.wait(timeout=600)
+    finish(driver)
     assert driver.returncode == 0, log.read_text()[-5000:]
     placed = {host_of_rank(hosts, config, r, after=lost).index for r in (0, 1)}
     assert placed == {1, 2, 3} - {victim.index}, (placed, victim.index)  # on the two hosts left: the spare's in
@@ -232,7 +242,7 @@ def test_a_lost_host_without_spare_shrinks_the_job_which_grows_back_when_the_hos
         assert time.monotonic() < deadline and driver.poll() is None, log.read_text()[-5000:]
         time.sleep(1)
     hosts.start_ray_node(victim, num_cpus=1, **hosts.node_env)  # the host is back
-    driver.wait(timeout=600)
+    finish(driver)
     assert driver.returncode == 0, log.read_text()[-5000:]
     text = (run_dir_of(config) / "logs" / "rank0.log").read_text()
     assert "continuing on 1 workers" in text and "continuing on 2 workers" in text
@@ -275,9 +285,10 @@ def test_a_host_drained_for_preemption_gets_one_coordinated_checkpoint_before_it
         "--reason-message=spot instance reclaimed",
         "--deadline-remaining-seconds=60",
     ]
+    drained = time.time()
     out = hosts[0].call(drain, env=hosts.ray_env(), timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    driver.wait(timeout=600)
+    finish(driver)
     victim.kill()  # the drain's deadline: the provider takes the host
     assert driver.returncode == 0, log.read_text()[-5000:]
     text = (run_dir_of(config) / "logs" / "rank0.log").read_text()
@@ -285,4 +296,6 @@ def test_a_host_drained_for_preemption_gets_one_coordinated_checkpoint_before_it
     assert stopped, text[-3000:]
     step = int(stopped.group(1))
     assert step % 5 and f"step_{step:06d} (step {step})" in text  # saved at once (not a periodic one), resumed there
+    placed = {host_of_rank(hosts, config, r, after=drained).index for r in (0, 1)}
+    assert victim.index not in placed and len(placed) == 2, placed  # on the spare, not on the drained host
     assert_like_reference(config, reference, 1e-6)

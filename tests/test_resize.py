@@ -96,7 +96,7 @@ def test_zero3_from_two_workers_continues_on_one(setup, runs, two):
     written = run_dir_of(config) / "checkpoints" / "step_000010"
     assert reshard.is_converted(written)  # converted once, where the run resumed, beside the checkpoint
     assert checkpoint_problem(written, "sha256") is None  # and the checkpoint itself is untouched
-    assert "written by 2 workers; continuing on 1" in logs(config)
+    assert "continuing on 1 workers from step 10, which 2 workers wrote" in logs(config)
     # Its own checkpoints are of its own world size, resumable as they are.
     assert (
         json.loads((run_dir_of(config) / "checkpoints" / "step_000020" / "COMPLETE.json").read_text())["world_size"]
@@ -118,6 +118,20 @@ def test_the_optimizer_state_is_what_makes_the_continuation_equal(setup, runs, t
     assert max(abs(got[s] - want[s]) for s in range(11, 21)) > 10 * TOLERANCE
 
 
+def test_without_the_optimizer_state_the_configured_settings_apply(setup, runs, two):
+    # DeepSpeed restores the optimizer's settings with its state; a fresh optimizer takes the configured ones: here
+    # a third of the learning rate, at the same point of the schedule.
+    config = continued(
+        setup, runs, two, "fresh-optimizer-new-lr", 1, train={"lr": 1e-3}, checkpoint={"resume_optimizer": False}
+    )
+    rows = [json.loads(line) for line in (run_dir_of(config) / "metrics.jsonl").read_text().splitlines()]
+    written = [json.loads(line) for line in (run_dir_of(two) / "metrics.jsonl").read_text().splitlines()]
+    lr = {r["step"]: r["train/lr"] for r in rows if "train/lr" in r}
+    before = {r["step"]: r["train/lr"] for r in written if "train/lr" in r}
+    for step in (11, 15, 20):
+        assert lr[step] == pytest.approx(before[step] / 3, rel=1e-9), (step, lr[step], before[step])
+
+
 @pytest.mark.parametrize(
     "name,sections",
     [
@@ -136,3 +150,5 @@ def test_zero0_and_lora_continue_on_another_number_of_workers(setup, runs, name,
     config = continued(setup, runs, writer, f"{name}-two-to-one", 1, steps=8, **sections)
     assert_same_losses(config, writer, range(5, 9))
     assert_each_sample_once(writer, config, writer)
+    # ZeRO-0's fp32 state is whole and loads as it is; LoRA's (under ZeRO-3) is cut per rank and was converted.
+    assert reshard.is_converted(run_dir_of(config) / "checkpoints" / "step_000004") == (name == "lora")

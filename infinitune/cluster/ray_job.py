@@ -41,8 +41,13 @@ class FatalError(RuntimeError):
 
 
 # Bad data, a bad config or a refused checkpoint fail the same way at every restart; so does a loss that turned
-# non-finite, since a restart repeats the same steps exactly from the same checkpoint.
+# non-finite, since a restart repeats the same steps exactly from the same checkpoint. Storage that could not be
+# read or written (`transient`) may work again: that is restarted like a crash.
 DETERMINISTIC = (DataError, ConfigError, CheckpointError, FloatingPointError)
+
+
+def restart_cannot_fix(error: BaseException) -> bool:
+    return isinstance(error, DETERMINISTIC) and not getattr(error, "transient", False)
 
 
 def ray_environment(embedded: bool, worker_start_timeout_s: float = 60.0) -> dict[str, str]:
@@ -110,16 +115,16 @@ def interface_of(address: str) -> str | None:
 
 
 def bind_to_node_interface() -> None:
-    """gloo and NCCL bind to the interface that carries this worker's Ray node address, unless the user set
-    GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME. Left to themselves they take the address the host name resolves to,
-    which on many images (Ubuntu's default /etc/hosts: 127.0.1.1) is loopback: the other hosts then fail to
-    connect ("Gloo connectFullMesh failed ... Connection refused")."""
+    """gloo binds to the interface that carries this worker's Ray node address, unless the user set
+    GLOO_SOCKET_IFNAME. Left to itself it takes the address the host name resolves to, which on many images
+    (Ubuntu's default /etc/hosts: 127.0.1.1) is loopback: the other hosts then fail to connect ("Gloo
+    connectFullMesh failed ... Connection refused"). NCCL chooses its own interfaces (not by the host name; its
+    data goes over InfiniBand or the fastest NIC), so NCCL_SOCKET_IFNAME is left to the user."""
     import ray
 
     name = interface_of(ray.util.get_node_ip_address())
     if name is not None:
-        for variable in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
-            os.environ.setdefault(variable, name)
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", name)
 
 
 def torch_config(use_gpu: bool):
@@ -282,6 +287,8 @@ def _train_fn(config: dict[str, Any]) -> None:
     try:
         code = train(spec_from_dict(config["job"], config["run_dir"]), context)
     except DETERMINISTIC as e:
+        if not restart_cannot_fix(e):
+            raise
         raise FatalError(f"{type(e).__name__}: {e}") from e
     context.upload_logs()  # what came after the last checkpoint (final evaluation, hparams)
     if code == EXIT_PREEMPTED and context.stopped_by_driver():
@@ -316,7 +323,7 @@ def run_job(
     started = connect(cluster)
     try:
         if storage is None:
-            check_storage_shared(run_dir)
+            check_storage_shared(run_dir, cluster)
     except BaseException:
         if started:
             ray.shutdown()
@@ -383,14 +390,20 @@ def _reads_back(path: str, token: str) -> bool:
         return False
 
 
-def check_storage_shared(directory: Path, timeout: float = 120) -> None:
+def check_storage_shared(directory: Path, cluster: ClusterConfig, timeout: float = 120) -> None:
     """Refuse a storage directory that the cluster's nodes do not share: a file written there on this node must
     be read back, the same, on every other live node. Checkpoints on one node's own disk would be missing
     wherever Ray restarts the workers, and the run could not continue."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    nodes = [n for n in ray.nodes() if n["Alive"]]
+    # The nodes that can hold a worker: a CPU-only head or another pool never reads the checkpoints.
+    slot = "GPU" if cluster.use_gpu else "CPU"
+    nodes = [
+        n
+        for n in ray.nodes()
+        if n["Alive"] and n["Resources"].get(slot, 0) >= (1 if cluster.use_gpu else cluster.cpus_per_worker)
+    ]
     if len(nodes) < 2:
         return
     directory.mkdir(parents=True, exist_ok=True)
@@ -399,15 +412,22 @@ def check_storage_shared(directory: Path, timeout: float = 120) -> None:
     probe.write_text(token)
     try:
         reads = ray.remote(num_cpus=0, max_retries=0)(_reads_back)
-        seen = ray.get(
-            [
-                reads.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
-                    str(probe), token
-                )
-                for n in nodes
-            ],
-            timeout=timeout,
-        )
+        asked = [
+            reads.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+                str(probe), token
+            )
+            for n in nodes
+        ]
+        try:
+            seen = ray.get(asked, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            for ref in asked:
+                ray.cancel(ref, force=True)
+            raise ConfigError(
+                "cluster.storage_path",
+                f"could not check within {timeout:.0f} s that every node sees {directory.parent} (a task on each "
+                "node reads a file written there; some did not run). Use s3://... or a shared mount",
+            ) from None
     finally:
         probe.unlink(missing_ok=True)
     blind = [n["NodeManagerAddress"] for n, ok in zip(nodes, seen) if not ok]

@@ -38,7 +38,15 @@ class RecordError(Exception):
 
 
 class DataError(Exception):
-    """Input or shards that cannot be used; the message names the file (and line) and the fix."""
+    """Input or shards that cannot be used; the message names the file (and line) and the fix. `transient`: the
+    storage could not be read (an I/O error), which trying again may fix, as opposed to data that is wrong."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
+
+    def __reduce__(self):  # crosses process boundaries
+        return DataError, (str(self), self.transient)
 
     @classmethod
     def for_record(cls, location: str, err: RecordError) -> DataError:

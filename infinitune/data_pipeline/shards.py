@@ -118,15 +118,14 @@ def open_url(url: str) -> BinaryIO:
     return fsspec.open(url, "rb").open()
 
 
-def require_validation_split(
-    manifest: Manifest, base: str, needed_by: str = "train.eval_every (or logging.save_logits_probe)"
-) -> int:
-    """The validation split's sample count; refused naming the setting that needs one when there is none."""
+def require_validation_split(manifest: Manifest, base: str, needed: bool) -> int:
+    """The validation split's sample count; refused when evaluation (or the logits probe) is `needed` and the
+    shards have none."""
     samples = manifest.splits["val"].samples if "val" in manifest.splits else 0
-    if not samples:
+    if needed and not samples:
         raise DataError(
-            f"{base}: {needed_by} needs a validation split and these shards have none; raise data.val_fraction "
-            "and re-run prepare, or set train.eval_every=0"
+            f"{base}: train.eval_every (or logging.save_logits_probe) needs a validation split and these shards have "
+            "none; raise data.val_fraction and re-run prepare, or set train.eval_every=0"
         )
     return samples
 
@@ -139,7 +138,7 @@ def read_manifest(base: str) -> Manifest:
     except FileNotFoundError:
         raise DataError(f"{url}: no manifest here; run `infinitune prepare CONFIG` to write the shards") from None
     except OSError as e:
-        raise DataError(f"{url}: cannot read the manifest: {e}") from None
+        raise DataError(f"{url}: cannot read the manifest: {e}", transient=True) from None
     return Manifest.from_json(text, url)
 
 
@@ -237,7 +236,9 @@ def iter_shard(
         raise
     except FileNotFoundError:
         raise DataError(f"{url}: shard listed in the manifest is missing; restore it or re-run prepare") from None
-    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+    except OSError as e:  # the storage, not the shard: a restart may read it
+        raise DataError(f"{url}: cannot read the shard ({type(e).__name__}: {e})", transient=True) from None
+    except (tarfile.TarError, EOFError, ValueError) as e:
         raise DataError(f"{url}: cannot read the shard ({type(e).__name__}: {e}); it is damaged") from None
 
 
@@ -258,7 +259,7 @@ def verify_shard(base: str, shard: ShardInfo, mode: str = "sha256") -> None:
     except FileNotFoundError:
         raise DataError(f"{url}: shard listed in the manifest is missing; restore it or re-run prepare") from None
     except OSError as e:
-        raise DataError(f"{url}: cannot read shard: {e}") from None
+        raise DataError(f"{url}: cannot read shard: {e}", transient=True) from None
     if size != shard.bytes:
         raise DataError(
             f"{url}: shard has {size} bytes, the manifest says {shard.bytes}: it was truncated or changed "

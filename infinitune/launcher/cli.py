@@ -85,8 +85,7 @@ def _run(cfg, run_dir: Path, local: bool) -> int:
 
     # What the manifest can tell is checked before any worker (or Ray) starts: a restart would not fix it.
     manifest = read_manifest(cfg.data.shards_dir)
-    if cfg.train.eval_every or cfg.logging.save_logits_probe:
-        require_validation_split(manifest, cfg.data.shards_dir)
+    require_validation_split(manifest, cfg.data.shards_dir, bool(cfg.train.eval_every or cfg.logging.save_logits_probe))
     with RunLock(run_dir):
         return _run_locked(cfg, run_dir, local)
 

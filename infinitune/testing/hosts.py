@@ -53,6 +53,7 @@ class Host:
     namespace: str
     address: str
     link: str  # its veth's end on the bridge (cutting it cuts the host off)
+    switch: str  # the namespace of the bridge, where `link` lies
     tmp: Path
     procs: list[subprocess.Popen] = field(default_factory=list)
 
@@ -107,8 +108,9 @@ class Host:
         out = _ip("netns", "pids", self.namespace, check=False).stdout
         return [int(p) for p in out.split()]
 
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        """End every process on this host (a host that dies); started ones are reaped."""
+    def kill(self, sig: int = signal.SIGKILL) -> list[int]:
+        """End every process on this host (a host that dies); started ones are reaped. Returns the ids of any
+        that survived (none, normally)."""
         for _ in range(50):
             pids = self.pids()
             if not pids:
@@ -121,6 +123,7 @@ class Host:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10)
         self.procs = [p for p in self.procs if p.poll() is None]
+        return self.pids()
 
     def cut_link(self) -> None:
         """The host's network goes away (a switch port, a cable); its processes keep running."""
@@ -130,9 +133,7 @@ class Host:
         self._link("up")
 
     def _link(self, state: str) -> None:
-        _ip("-n", self._switch, "link", "set", self.link, state)
-
-    _switch: str = ""
+        _ip("-n", self.switch, "link", "set", self.link, state)
 
 
 class Hosts:
@@ -144,12 +145,12 @@ class Hosts:
         self.n, self.subnet = n, subnet
         self.tag = tag or uuid.uuid4().hex[:6]
         self.switch = f"inft-{self.tag}-sw"
-        # Outside /tmp, which each host replaces with its own: `shared` is seen at the same path by every host
-        # (like a shared mount for model weights); each host's /tmp lies beside it.
-        self.root = Path(tempfile.mkdtemp(prefix=f"inft-hosts-{self.tag}-", dir="/var/tmp"))
-        self.shared = self.root / "shared"
+        self.root = self.shared = Path()  # made by __enter__
         self.hosts: list[Host] = []
-        self.node_env: dict[str, str] = {}
+        self.node_env: dict[str, str] = {}  # every Ray node's environment (start_ray_cluster)
+        self.s3_env: dict[str, str] = {}  # the AWS_* environment of the S3 server (start_s3)
+        self._made: list[str] = []  # the namespaces this harness made: the only ones it removes
+        self._survivors: list[int] = []
 
     def __getitem__(self, i: int) -> Host:
         return self.hosts[i]
@@ -164,6 +165,10 @@ class Hosts:
 
     def __enter__(self) -> Hosts:
         check_available()
+        # Outside /tmp, which each host replaces with its own: `shared` is seen at the same path by every host
+        # (like a shared mount for model weights); each host's /tmp lies beside it.
+        self.root = Path(tempfile.mkdtemp(prefix=f"inft-hosts-{self.tag}-", dir="/var/tmp"))
+        self.shared = self.root / "shared"
         try:
             self._build()
         except BaseException:
@@ -177,16 +182,18 @@ class Hosts:
     def _build(self) -> None:
         self.shared.mkdir()
         _ip("netns", "add", self.switch)
+        self._made.append(self.switch)
         _ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
         _ip("-n", self.switch, "link", "set", "br0", "up")
         for i in range(self.n):
             ns, link, address = f"inft-{self.tag}-h{i}", f"v{self.tag}{i}", f"{self.subnet}.{i + 1}"
             tmp = self.root / f"h{i}-tmp"
-            tmp.mkdir(mode=0o1777)
-            host = Host(i, ns, address, link, tmp)
-            host._switch = self.switch
+            tmp.mkdir()
+            tmp.chmod(0o1777)  # as /tmp (mkdir's mode is cut by the umask)
+            _ip("netns", "add", ns)  # fails if the name is taken: another's namespace is never ours to remove
+            self._made.append(ns)
+            host = Host(i, ns, address, link, self.switch, tmp)
             self.hosts.append(host)
-            _ip("netns", "add", ns)
             # Made in the switch's namespace, one end then moved: nothing appears in the machine's own.
             _ip("-n", self.switch, "link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", ns)
             _ip("-n", self.switch, "link", "set", link, "master", "br0")
@@ -207,17 +214,20 @@ class Hosts:
     def close(self) -> None:
         """End every process on every host, then remove the namespaces (and with them the veths) and files."""
         for host in self.hosts:
-            host.kill()
-        for host in self.hosts:
-            _ip("netns", "del", host.namespace, check=False)
-        _ip("netns", "del", self.switch, check=False)
-        shutil.rmtree(self.root, ignore_errors=True)
+            self._survivors += host.kill()
+        for name in reversed(self._made):
+            _ip("netns", "del", name, check=False)
+        self._made = []
+        if self.root != Path():
+            shutil.rmtree(self.root, ignore_errors=True)
 
     def leftovers(self) -> list[str]:
-        """What of this harness is still on the machine (namespaces, files): empty after `close`."""
+        """What of this harness is still on the machine (namespaces, processes that outlived `kill`, files):
+        empty after `close`."""
         names = _ip("netns", "list", check=False).stdout
         left = [line.split()[0] for line in names.splitlines() if line.startswith(f"inft-{self.tag}-")]
-        return left + ([str(self.root)] if self.root.exists() else [])
+        alive = [f"pid {pid}" for pid in self._survivors if Path(f"/proc/{pid}").exists()]
+        return left + alive + ([str(self.root)] if self.root != Path() and self.root.exists() else [])
 
     # -- Ray ------------------------------------------------------------------------------------------------------
 
@@ -294,6 +304,7 @@ class Hosts:
         made = host.call([sys.executable, "-c", create], env=env)
         if made.returncode:
             raise RuntimeError(f"could not create the bucket: {made.stderr[-2000:]}")
+        self.s3_env = env
         return env
 
     def start_ray_cluster(self, node_env: dict[str, str] | None = None) -> None:

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from infinitune.trainer import distributed, faults, reshard
+from infinitune.trainer.checkpoint_errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,6 @@ LATEST = "latest"
 FORMAT_VERSION = 1
 STEP_DIR_NAME = re.compile(r"^step_(\d+)$")
 _RANK_FILE = re.compile(r"(?:zero_pp_rank_|rank_|\.rank)(\d+)[._]")
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 _IMMUTABLE = (int, float, complex, bool, str, bytes, type(None), torch.Size, torch.dtype, torch.device, enum.Enum)
@@ -490,7 +487,8 @@ class Checkpointer:
         advice = f"free space under {self.root}" if full else "fix the storage"
         raise CheckpointError(
             f"checkpoint {directory.name} could not be written: {cause}; {previous}. {advice.capitalize()}, then "
-            "continue with `infinitune resume RUN_DIR`."
+            "continue with `infinitune resume RUN_DIR`.",
+            transient=not full,  # a full disk stays full; an I/O error may pass (the failing rank's own decides)
         )
 
     def _prune(self, keep: Path) -> None:
@@ -563,9 +561,10 @@ class Checkpointer:
         return torch.load(path, weights_only=True)
 
     def load(self, engine, directory: Path, optimizer: bool = True, seed: int = 0) -> dict[str, Any]:
-        """Restore the engine (with the optimizer's state unless `optimizer` is False) and this rank's random
-        state from `directory`, on this run's number of workers whatever the writer's; returns the trainer
-        state. A collective call."""
+        """Restore the engine and this rank's random state from `directory`, on this run's number of workers
+        whatever the writer's; returns the trainer state. With `optimizer` False the optimizer's state is not
+        restored and its settings (learning rate, betas, weight decay) stay the configured ones; the schedule's
+        position is restored. A collective call."""
         complete = json.loads((directory / COMPLETE).read_text())
         state = json.loads((directory / STATE).read_text())
         written_by = complete["world_size"]
@@ -573,10 +572,9 @@ class Checkpointer:
         universal = written_by != self.world_size and reshard.partitioned(directory)
         if universal:  # ZeRO's slices were cut for `written_by` workers: cut again from one file per parameter
             root, tag = directory, reshard.ensure_universal(directory, self.rank).name
-        if written_by != self.world_size:
-            log.info(
-                "checkpoint %s was written by %d workers; continuing on %d", directory.name, written_by, self.world_size
-            )
+        base = getattr(engine.optimizer, "optimizer", engine.optimizer)  # torch's, inside DeepSpeed's ZeRO wrapper
+        configured = [{k: v for k, v in group.items() if k != "params"} for group in base.param_groups]
+        base_lrs = list(getattr(engine.lr_scheduler, "base_lrs", []))
         config = engine._config  # DeepSpeed reads this switch inside load_checkpoint only
         config.load_universal_checkpoint = universal
         try:
@@ -593,8 +591,16 @@ class Checkpointer:
             raise CheckpointError(f"DeepSpeed could not load {directory}")
         if not optimizer:
             # Loaded whole, then forgotten: DeepSpeed's own weights-only path under ZeRO-3 reads the weights of
-            # whichever checkpoint `latest` names, not of `tag`. torch's Adam starts its state afresh when empty.
-            getattr(engine.optimizer, "optimizer", engine.optimizer).state.clear()
+            # whichever checkpoint `latest` names, not of `tag`. torch's Adam starts its state afresh when empty;
+            # the settings DeepSpeed copied from the checkpoint give way to the configured ones.
+            base.state.clear()
+            scheduler = engine.lr_scheduler  # the loop's LambdaLR: the rate is base x factor(position)
+            lrs = [group["lr"] for group in configured]
+            if base_lrs and getattr(scheduler, "lr_lambdas", None):
+                scheduler.base_lrs = base_lrs
+                lrs = [b * f(scheduler.last_epoch) for f, b in zip(scheduler.lr_lambdas, base_lrs)]
+            for group, settings, lr in zip(base.param_groups, configured, lrs):
+                group.update(settings, lr=lr)
         rng = directory / f"rng.rank{self.rank}.pt"
         if rng.is_file():
             set_rng_state(torch.load(rng, weights_only=True))

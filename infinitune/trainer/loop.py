@@ -303,6 +303,9 @@ def setup(spec: TrainerSpec, ctx: RunContext) -> Workspace:
     # The template the data was rendered with is the one the model learns, generates with and is exported with.
     tokenizer.chat_template = resolve_chat_template(tokenizer, spec.data.chat_template)
     check_tokenizer(manifest, tokenizer_fingerprint(tokenizer), tokenizer.chat_template, base)
+    val_samples = require_validation_split(
+        manifest, base, bool(spec.train.eval_every or spec.logging.save_logits_probe)
+    )
     check_shards(base, manifest, spec.data.verify, rank, world)
     layout = BatchLayout(spec.train.global_batch_size, world, spec.train.micro_batch_size)
 
@@ -339,10 +342,6 @@ def setup(spec: TrainerSpec, ctx: RunContext) -> Workspace:
         shuffle_window=data.shuffle_window,
         num_workers=data.num_workers,
     )
-    needs_val = spec.train.eval_every or spec.logging.save_logits_probe
-    val_samples = manifest.splits["val"].samples if "val" in manifest.splits else 0
-    if needs_val:
-        require_validation_split(manifest, base)
     val_layout = BatchLayout(world * spec.train.micro_batch_size, world, spec.train.micro_batch_size)
     val_loader = (
         StatefulLoader(

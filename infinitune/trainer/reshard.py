@@ -1,15 +1,16 @@
 """Continuing a checkpoint on another number of workers.
 
-What a checkpoint holds per worker depends on how ZeRO partitioned it: at stage 0 (fp32) the model and
-optimizer are whole in `mp_rank_00_model_states.pt` and any number of workers loads them as they are; at
-stages 1-3 (and bf16's optimizer at stage 0) each rank's file holds its slice of the flat fp32 weights and
+What a checkpoint holds per worker depends on how ZeRO partitioned it: at stage 0 the model and optimizer are
+whole in `mp_rank_00_model_states.pt` and any number of workers loads them as they are; at stages 1-3 each
+rank's file holds its slice of the flat fp32 weights and
 the optimizer's moments, cut for the world size that wrote it. DeepSpeed's universal checkpoint turns those
 slices into one file per parameter and state (`zero/<name>/fp32.pt`, `exp_avg.pt`, `exp_avg_sq.pt`, the
 optimizer's step), which ZeRO then cuts again for any world size.
 
-The conversion (`deepspeed.checkpoint.ds_to_universal`) runs once, where the run resumes, into
+The conversion (`deepspeed.checkpoint.ds_to_universal`) runs once per file system where the run resumes, into
 `step_NNNNNN/universal/`. Like the checkpoint itself it is complete or absent: written under a staging name,
-marked, then renamed; a staging directory left by a worker that died converting is removed and done again.
+marked, then renamed; a staging directory left by a worker that died converting is removed and done again (one
+converter per directory at a time: see `ensure_universal`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 from infinitune.trainer import distributed
+from infinitune.trainer.checkpoint_errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +36,8 @@ MARKER = "UNIVERSAL_COMPLETE.json"
 
 
 def partitioned(directory: Path) -> bool:
-    """Whether the checkpoint's optimizer state is cut per rank (ZeRO 1-3, or bf16's optimizer at stage 0)."""
+    """Whether the checkpoint's optimizer state is cut per rank (ZeRO 1-3; told by the files, whatever wrote
+    them)."""
     return any(directory.glob("*zero_pp_rank_*optim_states.pt"))
 
 
@@ -71,9 +74,9 @@ def convert(directory: Path) -> Path:
     try:
         with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
             ds_to_universal.main(args)
-    except Exception as e:
+    except Exception as e:  # the same at every restart: the job ends with it (see cluster.ray_job)
         shutil.rmtree(staging, ignore_errors=True)
-        raise RuntimeError(
+        raise CheckpointError(
             f"{directory}: DeepSpeed could not convert the checkpoint to its universal form ({e!r}); resume on "
             "the number of workers that wrote it. DeepSpeed's output:\n" + printed.getvalue()[-4000:]
         ) from e
@@ -88,14 +91,24 @@ def convert(directory: Path) -> Path:
 
 
 def ensure_universal(directory: Path, rank: int) -> Path:
-    """The universal form of `directory`, converted by one rank per distinct copy (a collective call).
+    """The universal form of `directory` as this rank sees it, converted by as few ranks as can (a collective
+    call). First the lowest rank reading each path converts, the others wait: one conversion per directory on a
+    file system every node shares. Then ranks that still do not see it (a node-local copy at the same path on
+    another host) convert theirs, one per host and path. Ranks that downloaded their own copy (object storage)
+    convert their own."""
+    here = (socket.gethostname(), str(directory.resolve()))
+    ranks = distributed.all_gather_object(here)
+    first = next(r for r, (_, path) in enumerate(ranks) if path == here[1]) == rank
+    _converted_by(first, directory)
+    missing = not is_converted(directory)
+    _converted_by(missing and ranks.index(here) == rank, directory)
+    return universal_dir(directory)
 
-    Ranks that read the same directory (a shared file system) wait while the lowest of them converts; ranks
-    that each read their own copy (downloaded from object storage) convert their own."""
-    here = str(directory.resolve())
-    paths = distributed.all_gather_object(here)
+
+def _converted_by(converter: bool, directory: Path) -> None:
+    """`directory` converted where `converter`; every rank waits, and learns of a failure anywhere."""
     failure = None
-    if paths.index(here) == rank:
+    if converter:
         try:
             convert(directory)
         except Exception as e:  # every rank must learn of it, not wait
@@ -103,5 +116,4 @@ def ensure_universal(directory: Path, rank: int) -> Path:
     if distributed.all_reduce(0 if failure is None else 1, op="max").item():
         if failure is not None:
             raise failure
-        raise RuntimeError(f"{directory}: another worker could not convert the checkpoint (its log says why)")
-    return universal_dir(directory)
+        raise CheckpointError(f"{directory}: another worker could not convert the checkpoint (its log says why)")

@@ -299,3 +299,25 @@ def test_a_host_drained_for_preemption_gets_one_coordinated_checkpoint_before_it
     placed = {host_of_rank(hosts, config, r, after=drained).index for r in (0, 1)}
     assert victim.index not in placed and len(placed) == 2, placed  # on the spare, not on the drained host
     assert_like_reference(config, reference, 1e-6)
+
+
+def test_a_host_cut_off_the_network_is_replaced_by_the_spare_and_the_losses_do_not_change(hosts, setup, reference):
+    for host in hosts:  # a spare again
+        if host.index and not host.pids():
+            hosts.start_ray_node(host, num_cpus=1, **hosts.node_env)
+    hosts.wait_for_nodes(len(hosts))
+    config = fault_job(hosts, setup, "cut-off")
+    driver, log = start_driver(hosts, config)
+    wait_for_step(config, 8, timeout=300)
+    victim = host_of_rank(hosts, config, 1)
+    assert victim is not None and victim.index != 0
+    cut = time.time()
+    victim.cut_link()  # its processes run on, unreachable: the other rank waits in a collective with it
+    try:
+        finish(driver)
+    finally:
+        victim.kill()
+    assert driver.returncode == 0, log.read_text()[-5000:]
+    placed = {host_of_rank(hosts, config, r, after=cut).index for r in (0, 1)}
+    assert victim.index not in placed and len(placed) == 2, placed
+    assert_like_reference(config, reference, 1e-6)

@@ -204,15 +204,29 @@ def assert_like_reference(config, reference, tolerance):
     return worst
 
 
-def test_a_lost_host_is_replaced_by_the_spare_and_the_losses_do_not_change(hosts, setup, reference):
-    config = fault_job(hosts, setup, "spare")
+def spare_again(hosts) -> None:
+    """Every worker host up again (the cases before left some down)."""
+    for host in hosts:
+        if host.index and not host.pids():
+            hosts.start_ray_node(host, num_cpus=1, **hosts.node_env)
+    hosts.wait_for_nodes(len(hosts))
+
+
+def lose_the_host_of_rank1(hosts, setup, reference, name, lose) -> None:
+    """A 2-worker job with a spare host waiting; after step 8 `lose(host)` takes the host of rank 1 away. The job
+    continues on the two hosts left, the spare among them, with the uninterrupted run's losses."""
+    spare_again(hosts)
+    config = fault_job(hosts, setup, name)
     driver, log = start_driver(hosts, config)
     wait_for_step(config, 8, timeout=300)
     victim = host_of_rank(hosts, config, 1)
     assert victim is not None and victim.index != 0
     lost = time.time()
-    victim.kill()  # the host goes: its raylet, its worker, everything on it
-    finish(driver)
+    lose(victim)
+    try:
+        finish(driver)
+    finally:
+        victim.kill()  # whatever `lose` left running on it
     assert driver.returncode == 0, log.read_text()[-5000:]
     placed = {host_of_rank(hosts, config, r, after=lost).index for r in (0, 1)}
     assert placed == {1, 2, 3} - {victim.index}, (placed, victim.index)  # on the two hosts left: the spare's in
@@ -220,7 +234,12 @@ def test_a_lost_host_is_replaced_by_the_spare_and_the_losses_do_not_change(hosts
     metrics = [json.loads(line) for line in (run_dir_of(config) / "metrics.jsonl").read_text().splitlines()]
     back = min(r["step"] for r in metrics if r["time"] > lost and "train/loss" in r)
     first = min(r["time"] for r in metrics if r["time"] > lost and "train/loss" in r)
-    print(f"host lost at step >= 8, first new step {back} after {first - lost:.1f} s")
+    print(f"{name}: host lost at step >= 8, first new step {back} after {first - lost:.1f} s")
+
+
+def test_a_lost_host_is_replaced_by_the_spare_and_the_losses_do_not_change(hosts, setup, reference):
+    # The host goes: its raylet, its worker, everything on it.
+    lose_the_host_of_rank1(hosts, setup, reference, "spare", lambda host: host.kill())
 
 
 def test_a_lost_host_without_spare_shrinks_the_job_which_grows_back_when_the_host_returns(hosts, setup, reference):
@@ -265,11 +284,7 @@ def node_id_of(hosts, host) -> str:
 
 
 def test_a_host_drained_for_preemption_gets_one_coordinated_checkpoint_before_it_goes(hosts, setup, reference):
-    # A spare again: every worker host up (the cases before left some down).
-    for host in hosts:
-        if host.index and not host.pids():
-            hosts.start_ray_node(host, num_cpus=1, **hosts.node_env)
-    hosts.wait_for_nodes(len(hosts))
+    spare_again(hosts)
     config = fault_job(hosts, setup, "drained")
     driver, log = start_driver(
         hosts, config, {"INFINITUNE_FAULT": "after_step:*:slow", "INFINITUNE_FAULT_SLOW_S": "0.3"}
@@ -302,22 +317,5 @@ def test_a_host_drained_for_preemption_gets_one_coordinated_checkpoint_before_it
 
 
 def test_a_host_cut_off_the_network_is_replaced_by_the_spare_and_the_losses_do_not_change(hosts, setup, reference):
-    for host in hosts:  # a spare again
-        if host.index and not host.pids():
-            hosts.start_ray_node(host, num_cpus=1, **hosts.node_env)
-    hosts.wait_for_nodes(len(hosts))
-    config = fault_job(hosts, setup, "cut-off")
-    driver, log = start_driver(hosts, config)
-    wait_for_step(config, 8, timeout=300)
-    victim = host_of_rank(hosts, config, 1)
-    assert victim is not None and victim.index != 0
-    cut = time.time()
-    victim.cut_link()  # its processes run on, unreachable: the other rank waits in a collective with it
-    try:
-        finish(driver)
-    finally:
-        victim.kill()
-    assert driver.returncode == 0, log.read_text()[-5000:]
-    placed = {host_of_rank(hosts, config, r, after=cut).index for r in (0, 1)}
-    assert victim.index not in placed and len(placed) == 2, placed
-    assert_like_reference(config, reference, 1e-6)
+    # Its processes run on, unreachable: the other rank waits in a collective with it.
+    lose_the_host_of_rank1(hosts, setup, reference, "cut-off", lambda host: host.cut_link())

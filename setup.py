@@ -38,6 +38,7 @@ setup(
         "fsspec>=2023.1",
         "pyyaml>=6",
         "tqdm>=4.60",
+        "psutil>=5.9",  # host memory and network interfaces (also a DeepSpeed and Ray dependency)
         "gguf>=0.10",
     ],
     extras_require={

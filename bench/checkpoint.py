@@ -50,7 +50,7 @@ def main() -> None:
     from infinitune.data_pipeline.stream import BatchLayout
     from infinitune.trainer import distributed
     from infinitune.trainer.checkpoint import Checkpointer
-    from infinitune.trainer.config import DeepSpeedConfig, TrainConfig
+    from infinitune.trainer.config import CheckpointConfig, DeepSpeedConfig, TrainConfig
     from infinitune.trainer.ds_config import deepspeed_config
     from infinitune.trainer.model import TokenLossModel
 
@@ -94,15 +94,15 @@ def main() -> None:
     sizes = {}
     try:
         for i in range(args.repeat):
-            checkpointer = Checkpointer(root / "ours", 0, 1, keep_last=1, verify="sha256")
+            checkpointer = Checkpointer(root / "ours", 0, 1, CheckpointConfig(keep_last=1), verify="sha256")
+            checkpointer.register(engine=engine)
             os.sync()  # each timed save starts with nothing else waiting to be written
             t0 = time.perf_counter()
-            directory = checkpointer.save(i + 1, engine, {"step": i + 1}, {})
+            directory = checkpointer.save(i + 1)
             results["ours_save_s"].append(time.perf_counter() - t0)
             sizes["ours_gb"] = size_gb(directory)
             t0 = time.perf_counter()
-            found = checkpointer.newest_complete()  # verifies every file's sha256 first
-            checkpointer.load(engine, found)
+            assert checkpointer.load()  # the newest complete checkpoint, every file's sha256 verified first
             results["ours_load_s"].append(time.perf_counter() - t0)
 
             path = root / "torch.pt"
@@ -120,19 +120,20 @@ def main() -> None:
             path.unlink()
 
         alone = [step() for _ in range(8)]
-        background = Checkpointer(root / "background", 0, 1, keep_last=1, verify="sha256")
+        background = Checkpointer(root / "background", 0, 1, CheckpointConfig(keep_last=1), verify="sha256")
+        background.register(engine=engine)
         during: list[float] = []
         for i in range(args.repeat):
             os.sync()
             t0 = time.perf_counter()
-            background.save(i + 1, engine, {"step": i + 1}, {}, background=True)
+            background.save(i + 1, background=True)
             results.setdefault("background_blocked_s", []).append(time.perf_counter() - t0)
             done = None
             while done is None:  # the loop goes on; each step boundary asks whether the save is complete
                 during.append(step())
-                done = background.finish()
+                done = background.wait(block=False)
             results.setdefault("background_complete_s", []).append(time.perf_counter() - t0)
-            assert background.newest_complete() == done.directory
+            assert (done.directory / "COMPLETE.json").exists()
         results["step_s_alone"] = alone
         results["step_s_while_writing"] = during
         # What a background save costs the loop on top of its block: the steps it slowed, per save.

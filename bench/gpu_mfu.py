@@ -74,7 +74,7 @@ def one_stage(args) -> dict:
     from infinitune.data_pipeline.stream import BatchLayout
     from infinitune.trainer import distributed
     from infinitune.trainer.checkpoint import Checkpointer
-    from infinitune.trainer.config import DeepSpeedConfig, TrainConfig
+    from infinitune.trainer.config import CheckpointConfig, DeepSpeedConfig, TrainConfig
     from infinitune.trainer.ds_config import deepspeed_config
     from infinitune.trainer.loop import train_step
     from infinitune.trainer.metrics import FlopCounter, device_peak_tflops
@@ -168,15 +168,16 @@ def one_stage(args) -> dict:
         "loss_first_last": [losses[0], losses[-1]],
     }
     if args.save_dir:
-        from infinitune.trainer.checkpoint import checkpoint_problem
+        from infinitune.trainer.checkpoint_format import checkpoint_problem
 
         root = Path(args.save_dir) / f"zero{args.stage}"
-        checkpointer = Checkpointer(root, 0, 1, keep_last=1)
+        checkpointer = Checkpointer(root, 0, 1, CheckpointConfig(keep_last=1))
+        checkpointer.register(engine=engine)
         t0 = time.perf_counter()
-        directory = checkpointer.save(args.steps, engine, {"step": args.steps}, {}, background=args.async_save)
+        directory = checkpointer.save(args.steps, background=args.async_save)
         result["checkpoint_blocked_s"] = time.perf_counter() - t0
         if args.async_save:  # the loop would step on meanwhile; here it only waits for the writer
-            directory = checkpointer.finish(block=True).directory
+            directory = checkpointer.wait().directory
             result["checkpoint_complete_s"] = time.perf_counter() - t0
         result["checkpoint_gb"] = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()) / 2**30
         result["checkpoint_complete"] = checkpoint_problem(directory, "size") is None

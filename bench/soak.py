@@ -42,7 +42,7 @@ def main() -> None:
     from train_helpers import job_config, logs, make_tiny_setup, run, run_dir_of
 
     from infinitune.testing.tiny import train_tiny_tokenizer
-    from infinitune.trainer.checkpoint import step_dirs
+    from infinitune.trainer.checkpoint_format import step_dirs
 
     root = Path(tempfile.mkdtemp(prefix="soak-"))
     train_tiny_tokenizer(root / "tokenizer")

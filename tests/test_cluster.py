@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from infinitune.trainer.checkpoint import checkpoint_problem
+from infinitune.trainer.checkpoint_format import checkpoint_problem
 
 from .train_helpers import job_config, make_tiny_setup, run_dir_of, step_losses, wait_for_step
 

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from infinitune.trainer import reshard
-from infinitune.trainer.checkpoint import checkpoint_problem
+from infinitune.trainer.checkpoint_format import checkpoint_problem
 
 from .train_helpers import job_config, logs, make_tiny_setup, run, run_dir_of, step_losses
 

@@ -60,13 +60,14 @@ def test_a_shard_member_holding_a_pickle_is_refused_without_running_it(tmp_path)
 def test_a_checkpoint_file_holding_a_pickle_is_refused_without_running_it(tmp_path):
     import os
 
-    from infinitune.trainer.checkpoint import Checkpointer
+    from infinitune.trainer.checkpoint_format import rank_state_path, read_rank_state
 
     directory = tmp_path / "step_000001"
     directory.mkdir()
-    torch.save({"ipt": Payload()}, directory / "extra.rank0.pt")  # what the checkpointer reads back on resume
+    path = rank_state_path(directory, "adapter", rank=0)  # what the checkpointer reads back on resume
+    torch.save({"ipt": Payload()}, path)
     with pytest.raises(Exception, match="Weights only load failed"):
-        Checkpointer(tmp_path, rank=0, world_size=1).load_extra(directory)
+        read_rank_state(path)
     assert not os.path.exists("/tmp/infinitune-pwned")
 
 

@@ -9,7 +9,7 @@ import signal
 import pytest
 import torch
 
-from infinitune.trainer.checkpoint import checkpoint_problem
+from infinitune.trainer.checkpoint_format import checkpoint_problem
 from infinitune.trainer.preemption import EXIT_PREEMPTED
 
 from .train_helpers import (

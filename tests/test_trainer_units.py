@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from infinitune.data_pipeline.stream import BatchLayout
-from infinitune.trainer.checkpoint import COMPLETE, _owner, checkpoint_problem, snapshot
+from infinitune.trainer.background import snapshot
+from infinitune.trainer.checkpoint_format import COMPLETE, checkpoint_problem, owner
 from infinitune.trainer.config import DeepSpeedConfig, ModelConfig, TrainConfig
 from infinitune.trainer.ds_config import deepspeed_config
 from infinitune.trainer.metrics import FlopCounter
@@ -213,11 +214,11 @@ def test_flops_count_parameters_and_causal_attention_per_document():
 
 
 def test_checkpoint_file_owners():
-    assert _owner("zero_pp_rank_1_mp_rank_00_optim_states.pt") == 1
-    assert _owner("bf16_zero_pp_rank_3_mp_rank_00_optim_states.pt") == 3
-    assert _owner("mp_rank_00_model_states.pt") == 0
-    assert _owner("rng.rank2.pt") == 2
-    assert _owner("trainer_state.json") == 0 and _owner("hf/config.json") == 0
+    assert owner("zero_pp_rank_1_mp_rank_00_optim_states.pt") == 1
+    assert owner("bf16_zero_pp_rank_3_mp_rank_00_optim_states.pt") == 3
+    assert owner("mp_rank_00_model_states.pt") == 0
+    assert owner("rng.rank2.pt") == 2
+    assert owner("trainer_state.json") == 0 and owner("hf/config.json") == 0
 
 
 def _fake_checkpoint(directory, world=2):
@@ -291,7 +292,7 @@ def test_a_background_save_writes_the_state_as_it_was_when_the_save_began(tmp_pa
 def test_a_state_whose_copy_would_not_fit_in_host_memory_is_written_at_once(monkeypatch, tmp_path):
     """A background save copies each state dict DeepSpeed hands it into host memory; one that would not fit
     (with the reserve to spare) goes to the real engine at once instead, as a synchronous save would."""
-    from infinitune.trainer import checkpoint
+    from infinitune.trainer import background
 
     written = []
 
@@ -300,21 +301,21 @@ def test_a_state_whose_copy_would_not_fit_in_host_memory_is_written_at_once(monk
             written.append(path)
 
     big = {"optimizer": {"exp_avg": torch.zeros(1000), "steps": [torch.zeros(10, dtype=torch.int64)]}}
-    assert checkpoint.tensor_bytes(big) == 1000 * 4 + 10 * 8
-    free = checkpoint.SNAPSHOT_RESERVE_BYTES + 3000  # room for a 3000-byte copy, not for a 4080-byte one
-    monkeypatch.setattr(checkpoint, "host_memory_available", lambda: free)
-    engine = checkpoint._SnapshotEngine(Engine(), step=5, rank=0)
+    assert background.tensor_bytes(big) == 1000 * 4 + 10 * 8
+    free = background.SNAPSHOT_RESERVE_BYTES + 3000  # room for a 3000-byte copy, not for a 4080-byte one
+    monkeypatch.setattr(background, "host_memory_available", lambda: free)
+    engine = background.SnapshotEngine(Engine(), step=5, rank=0)
     engine.save({"w": torch.zeros(100)}, "small.pt")  # 400 bytes: copied, written later by the thread
     engine.save(big, "big.pt")
     assert written == ["big.pt"] and engine.written_now == [4080]
     assert [path for _, path in engine.pending] == ["small.pt"]
 
-    monkeypatch.setattr(checkpoint, "host_memory_available", lambda: 2**40)
+    monkeypatch.setattr(background, "host_memory_available", lambda: 2**40)
     monkeypatch.setenv("INFINITUNE_FAULT", "rank1:snapshot:5:nomem")  # the tests' way to run out, on rank 1
-    engine = checkpoint._SnapshotEngine(Engine(), step=5, rank=1)
+    engine = background.SnapshotEngine(Engine(), step=5, rank=1)
     engine.save({"w": torch.zeros(100)}, "rank1.pt")
     assert written[-1] == "rank1.pt" and not engine.pending
-    engine = checkpoint._SnapshotEngine(Engine(), step=5, rank=0)  # not the rank the fault names
+    engine = background.SnapshotEngine(Engine(), step=5, rank=0)  # not the rank the fault names
     engine.save({"w": torch.zeros(1)}, "rank0.pt")
     assert written[-1] == "rank1.pt" and [path for _, path in engine.pending] == ["rank0.pt"]
 
@@ -324,7 +325,7 @@ def test_host_memory_available_reads_the_nearest_cgroup_limit(tmp_path):
     usage (inactive page cache counted as free), the process's own cgroup or a parent's, v2 or v1."""
     import psutil
 
-    from infinitune.trainer.checkpoint import host_memory_available
+    from infinitune.trainer.host_memory import host_memory_available
 
     system = psutil.virtual_memory().available
     GB = 2**30
@@ -408,3 +409,24 @@ def test_a_fault_at_every_step_and_its_slow_wait(monkeypatch):
     started = time.perf_counter()
     faults.maybe_fail("after_step", 5, 1)
     assert 0.2 <= time.perf_counter() - started < 2.5
+
+
+def test_a_format_1_checkpoint_reads_as_this_version(tmp_path):
+    """Checkpoints written before the parts were named (the loop's fields at the top of trainer_state.json,
+    AdaLoRA's budget in extra.rankR.pt) load into the same parts."""
+    from infinitune.trainer.checkpoint_format import STATE, rank_state_path, read_trainer_state, write_trainer_state
+
+    v1 = {"step": 12, "tokens_seen": 480, "best_eval_loss": 1.5, "data": {"position": 96, "epoch": 0}}
+    (tmp_path / STATE).write_text(json.dumps({**v1, "world_size": 2, "zero_stage": 3, "config": {}}))
+    state = read_trainer_state(tmp_path)
+    assert state["parts"] == {
+        "train": {"step": 12, "tokens_seen": 480, "best_eval_loss": 1.5},
+        "data": {"position": 96, "epoch": 0},
+    }
+    assert state["step"] == 12 and state["zero_stage"] == 3
+    assert rank_state_path(tmp_path, "adapter", 1, format_version=1).name == "extra.rank1.pt"
+    assert rank_state_path(tmp_path, "adapter", 1).name == "adapter.rank1.pt"
+
+    write_trainer_state(tmp_path, 13, {"train": {"step": 13}, "data": {"position": 104}}, {"world_size": 1})
+    again = read_trainer_state(tmp_path)
+    assert again["format_version"] == 2 and again["step"] == 13 and again["parts"]["data"] == {"position": 104}

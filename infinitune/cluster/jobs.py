@@ -60,7 +60,7 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
             row = json.loads(line)
             if "train/loss" in row:
                 last = row
-    from infinitune.trainer.checkpoint import checkpoint_problem, step_dirs
+    from infinitune.trainer.checkpoint_format import checkpoint_problem, step_dirs
     from infinitune.trainer.storage import remote_checkpoints, remote_run
 
     remote = remote_run(run_dir)

@@ -23,7 +23,7 @@ from typing import Any
 
 from infinitune.cluster.config import ClusterConfig
 from infinitune.data_pipeline.errors import DataError
-from infinitune.trainer.checkpoint import CheckpointError
+from infinitune.trainer.checkpoint_errors import CheckpointError
 from infinitune.trainer.context import RunContext
 from infinitune.trainer.preemption import EXIT_PREEMPTED
 from infinitune.typed_config import ConfigError

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from infinitune.trainer.checkpoint import COMPLETE, STATE, checkpoint_problem, step_dir, step_dirs
+from infinitune.trainer.checkpoint_format import COMPLETE, checkpoint_problem, read_trainer_state, step_dir, step_dirs
 
 log = logging.getLogger(__name__)
 WRAPPER_PREFIX = "lm."  # TokenLossModel holds the HF model as `lm`
@@ -84,7 +84,7 @@ def build_from_checkpoint(directory: Path) -> tuple[torch.nn.Module, Any]:
     from infinitune.trainer.model import load_whole
 
     load_whole()  # a whole model, even in a process that trained with ZeRO-3
-    trainer_state = json.loads((directory / STATE).read_text())
+    trainer_state = read_trainer_state(directory)
     hf = directory / "hf"
     if (hf / "adapter.json").exists():
         return _build_adapter_model(directory, trainer_state), AutoTokenizer.from_pretrained(hf)

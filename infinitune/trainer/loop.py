@@ -22,7 +22,7 @@ from infinitune.data_pipeline.stream import BatchLayout, StatefulLoader, verify_
 from infinitune.data_pipeline.template import IGNORE
 from infinitune.data_pipeline.tokenizer import load_tokenizer, resolve_chat_template, tokenizer_fingerprint
 from infinitune.trainer import distributed, faults
-from infinitune.trainer.checkpoint import Checkpointer, Completed, seed_everything
+from infinitune.trainer.checkpoint import Checkpointer, Completed
 from infinitune.trainer.config import (
     CheckpointConfig,
     DeepSpeedConfig,
@@ -50,9 +50,9 @@ from infinitune.trainer.metrics import (
 )
 from infinitune.trainer.model import AdaLoraBudget, build_model, parameter_counts
 from infinitune.trainer.preemption import EXIT_PREEMPTED, Preemption
+from infinitune.trainer.random_state import RandomState, seed_everything
 from infinitune.trainer.schedule import make_scheduler
 from infinitune.trainer.scoring import HIGHER_IS_BETTER, score_rows
-from infinitune.typed_config import ConfigError
 
 log = logging.getLogger(__name__)
 EXIT_OK = 0
@@ -96,6 +96,13 @@ class TrainState:
 def train(spec: TrainerSpec, ctx: RunContext) -> int:
     """Run (or continue) the job; returns EXIT_OK, or EXIT_PREEMPTED after a save on SIGTERM/SIGUSR1."""
     w = setup(spec, ctx)
+    try:
+        return _run(w, spec, ctx)
+    finally:
+        w.checkpointer.close()
+
+
+def _run(w: Workspace, spec: TrainerSpec, ctx: RunContext) -> int:
     engine, state, cfg = w.engine, w.state, spec.train
     batches = iter(w.train_loader)
     step_loss = math.nan
@@ -153,9 +160,9 @@ def train(spec: TrainerSpec, ctx: RunContext) -> int:
         every = spec.checkpoint.every_steps
         last = preempted or stop or state.step == cfg.max_steps
         if last or (every and state.step % every == 0):
-            save(w, spec, state, ctx, background=spec.checkpoint.async_save and not last)
-        elif w.checkpointer.pending:  # a background save counts once every rank has written its files
-            completed(w, ctx, w.checkpointer.finish())
+            save(w, state.step, ctx, background=spec.checkpoint.async_save and not last)
+        else:  # a background save counts once every rank has written its files
+            completed(w, ctx, w.checkpointer.wait(block=False))
         if preempted:
             log.warning("stopped at step %d on %s with a complete checkpoint", state.step, w.preemption.signal_name)
             if w.preemption.seconds_left() < 0:
@@ -236,23 +243,15 @@ def evaluate(w: Workspace, spec: TrainerSpec, state: TrainState, ctx: RunContext
     return bool(patience and state.evals_without_improvement >= patience)
 
 
-def save(w: Workspace, spec: TrainerSpec, state: TrainState, ctx: RunContext, background: bool = False) -> None:
+def save(w: Workspace, step: int, ctx: RunContext, background: bool = False) -> None:
     t0 = time.perf_counter()
-    completed(w, ctx, w.checkpointer.finish(block=True))  # one background save at a time
-    trainer_state = {
-        **state.state_dict(),
-        "data": w.train_loader.state_dict(),
-        "world_size": w.world,
-        "zero_stage": spec.deepspeed.zero_stage,
-        "config": spec.resolved_config,
-    }
-    extra = w.adalora.state_dict() if w.adalora is not None else None
-    directory = w.checkpointer.save(state.step, w.engine, trainer_state, w.hf_files, extra, background=background)
+    completed(w, ctx, w.checkpointer.wait())  # one background save at a time
+    directory = w.checkpointer.save(step, background=background)
     blocked = time.perf_counter() - t0
-    w.metrics.scalars(state.step, {"perf/checkpoint_s": blocked})
+    w.metrics.scalars(step, {"perf/checkpoint_s": blocked})
     if directory is not None:
         w.metrics.flush()  # a launcher that copies the logs at each checkpoint copies them whole
-        ctx.report(state.step, {"perf/checkpoint_s": blocked}, directory)
+        ctx.report(step, {"perf/checkpoint_s": blocked}, directory)
 
 
 def completed(w: Workspace, ctx: RunContext, done: Completed | None) -> None:
@@ -285,7 +284,6 @@ class Workspace:
     flops: FlopCounter
     peak_tflops: float
     zero3: bool
-    hf_files: dict[str, bytes]
     state: TrainState
 
 
@@ -360,35 +358,37 @@ def setup(spec: TrainerSpec, ctx: RunContext) -> Workspace:
 
     run_dir = Path(spec.run_dir)
     root, shared = ctx.checkpoint_root(run_dir, rank)
-    # An adapter run's checkpoints hold what trains (adapter weights, their optimizer state), not the base model.
+    lm = engine.module.lm
     adapter = spec.model.adapter
     checkpointer = Checkpointer(
-        root, rank, world, spec.checkpoint.keep_last, shared=shared, trainable_only=adapter is not None
+        root,
+        rank,
+        world,
+        spec.checkpoint,
+        shared=shared,
+        # An adapter run's checkpoints hold what trains (adapter weights, their optimizer state), not the base.
+        trainable_only=adapter is not None,
+        files=hf_files(lm, tokenizer, spec.model),
+        about={"zero_stage": spec.deepspeed.zero_stage, "config": spec.resolved_config},
     )
-    budget = AdaLoraBudget(engine.module.lm) if adapter is not None and adapter.method == "adalora" else None
+    budget = AdaLoraBudget(lm) if adapter is not None and adapter.method == "adalora" else None
     state = TrainState()
-    restore = ctx.restore_from() or resume_target(spec.checkpoint.resume, checkpointer)
-    if restore is not None:
-        saved = checkpointer.load(engine, Path(restore), spec.checkpoint.resume_optimizer, spec.train.seed)
-        state.load_state_dict(saved)
-        if budget is not None:
-            budget.load_state_dict(checkpointer.load_extra(Path(restore)))
-        train_loader.load_state_dict(saved["data"])
-        if rank == 0:  # newer checkpoints (a branch being abandoned, or damaged ones) must not be resumed later
-            checkpointer.set_aside_after(state.step)
-        distributed.barrier()
+    checkpointer.register(
+        engine=engine, train=state, data=train_loader, rng=RandomState(spec.train.seed, rank), adapter=budget
+    )
+    restored = checkpointer.load(directory=ctx.restore_from())
 
     peak, peak_source = device_peak_tflops(spec.logging.peak_tflops)
     metrics = MetricsWriter(run_dir, enabled=rank == 0, tensorboard=spec.logging.tensorboard)
     metrics.scalars(state.step, {"cluster/workers": world})
-    written_by = saved["world_size"] if restore is not None else world
+    written_by = checkpointer.restored.world_size if restored else world
     if written_by != world:
         # The launcher restarted the workers with another size: a node lost with no replacement, nodes back
         # (an elastic job's resize), or a resume with another cluster.num_workers.
         message = f"continuing on {world} workers from step {state.step}, which {written_by} workers wrote"
         log.warning("%s (same global batch, schedule and sample order)", message)
         ctx.report(state.step, {"cluster/workers": world, "message": message}, None)
-    if restore is None and rank == 0:
+    if not restored and rank == 0:
         import yaml
 
         metrics.text(0, "config", "```yaml\n" + yaml.safe_dump(spec.resolved_config, sort_keys=False) + "```")
@@ -398,7 +398,6 @@ def setup(spec: TrainerSpec, ctx: RunContext) -> Workspace:
             f"{world} workers, {trainable:,} trainable and {frozen:,} frozen parameters, "
             f"MFU against {peak:.1f} TFLOP/s per device ({peak_source})",
         )
-    lm = engine.module.lm
     return Workspace(
         rank=rank,
         world=world,
@@ -418,7 +417,6 @@ def setup(spec: TrainerSpec, ctx: RunContext) -> Workspace:
         flops=FlopCounter(getattr(lm, "config", None), trainable, frozen),
         peak_tflops=peak,
         zero3=spec.deepspeed.zero_stage == 3,
-        hf_files=hf_files(lm, tokenizer, spec.model),
         adalora=budget,
         state=state,
     )
@@ -433,19 +431,6 @@ def check_shards(base: str, manifest, mode: str, rank: int, world: int) -> None:
         problem = e
     if distributed.all_reduce(0 if problem is None else 1, op="max").item():
         raise problem or DataError(f"{base}: another worker found a damaged shard (its log names it)")
-
-
-def resume_target(resume: str, checkpointer: Checkpointer) -> Path | None:
-    """The checkpoint to continue from (every rank agrees), per checkpoint.resume."""
-    if resume == "none":
-        return None
-    if resume == "auto":
-        return checkpointer.newest_complete()
-    path = Path(resume)
-    problem = checkpointer.usable(path)
-    if problem is not None:
-        raise ConfigError("checkpoint.resume", f"{resume} is not a complete checkpoint: {problem}")
-    return path
 
 
 def hf_files(lm, tokenizer, model_cfg: ModelConfig) -> dict[str, bytes]:

@@ -314,7 +314,9 @@ def apply_adapter(model: nn.Module, adapter: AdapterConfig, seed: int, total_ste
 class AdaLoraBudget:
     """AdaLoRA's rank budget under DeepSpeed (ZeRO stage 0): importance from the gradients before the
     optimizer step (which clears them), the pruning mask applied after it (which would otherwise undo it).
-    Its importance averages and rank pattern are checkpointed with the engine (`state_dict`)."""
+    Its importance averages and rank pattern are checkpointed with the engine (`state_dict`), by each rank."""
+
+    per_rank = True  # tensors, saved in a file of each rank's own
 
     def __init__(self, lm: nn.Module):
         self.lm = lm

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from infinitune.trainer.checkpoint import COMPLETE, STEP_DIR_NAME, checkpoint_problem, step_dir
+from infinitune.trainer.checkpoint_format import COMPLETE, STEP_DIR_NAME, checkpoint_problem, step_dir
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from infinitune.trainer.checkpoint import checkpoint_problem
+from infinitune.trainer.checkpoint_format import checkpoint_problem
 
 from ..train_helpers import job_config, logs, make_tiny_setup, run, run_dir_of, step_losses
 

@@ -28,7 +28,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
 
 def main() -> None:
@@ -44,8 +43,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.hosts:
         return lost_host(args)
-    from train_helpers import job_config, make_tiny_setup, run_dir_of
-
+    from infinitune.testing.jobs import job_config, make_tiny_setup, run_dir_of
     from infinitune.testing.tiny import train_tiny_tokenizer
 
     rows = []
@@ -106,11 +104,10 @@ def main() -> None:
 def lost_host(args) -> None:
     import time
 
-    from train_helpers import make_tiny_setup, run_dir_of, wait_for_step
-
+    from infinitune.testing.host_jobs import FAILURE_DETECTION, fault_job, host_of_rank, start_driver
     from infinitune.testing.hosts import Hosts
+    from infinitune.testing.jobs import make_tiny_setup, run_dir_of, wait_for_step
     from infinitune.testing.tiny import train_tiny_tokenizer
-    from tests.test_hosts import FAILURE_DETECTION, fault_job, host_of_rank, start_driver
 
     rows = []
     for spare in (True, False):

@@ -18,7 +18,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
 
 def slope_mb_per_1000(steps: list[int], rss_gb: list[float]) -> float:
@@ -39,8 +38,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "soak.json"))
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from train_helpers import job_config, logs, make_tiny_setup, run, run_dir_of
-
+    from infinitune.testing.jobs import job_config, logs, make_tiny_setup, run, run_dir_of
     from infinitune.testing.tiny import train_tiny_tokenizer
     from infinitune.trainer.checkpoint_format import step_dirs
 

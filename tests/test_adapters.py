@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from infinitune.testing.jobs import job_config, logs, make_tiny_setup, run, run_dir_of, step_losses
 from infinitune.trainer.export import consolidated_state_dict, find_checkpoint
-
-from .train_helpers import job_config, logs, make_tiny_setup, run, run_dir_of, step_losses
 
 pytestmark = pytest.mark.slow
 

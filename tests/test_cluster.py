@@ -15,9 +15,8 @@ import time
 
 import pytest
 
+from infinitune.testing.jobs import job_config, make_tiny_setup, run_dir_of, step_losses, wait_for_step
 from infinitune.trainer.checkpoint_format import checkpoint_problem
-
-from .train_helpers import job_config, make_tiny_setup, run_dir_of, step_losses, wait_for_step
 
 pytestmark = pytest.mark.slow
 

@@ -194,3 +194,22 @@ def test_config_reference_in_docs_is_current():
         check=True,
     ).stdout
     assert (REPO / "docs" / "config.md").read_text() == out, "regenerate: infinitune config > docs/config.md"
+
+
+def test_a_config_held_by_an_environment_variable_loads_as_a_file_would(tmp_path, monkeypatch):
+    """`submit` sends the resolved config with the job in a variable (`train env:NAME`)."""
+    from infinitune.launcher.job_config import dump_job_config
+
+    (tmp_path / "job.yaml").write_text(BASE)
+    resolved = load_job_config(tmp_path / "job.yaml", ["train.lr=5e-5", "cluster.num_workers=[1,2]"])
+    monkeypatch.setenv("INFINITUNE_TEST_CONFIG", dump_job_config(resolved))
+    again = load_job_config("env:INFINITUNE_TEST_CONFIG", ["cluster.address=auto"])
+    assert again.train.lr == 5e-5 and again.cluster.num_workers == [1, 2] and again.cluster.address == "auto"
+    assert dump_job_config(again) == dump_job_config(
+        load_job_config(tmp_path / "job.yaml", ["train.lr=5e-5", "cluster.num_workers=[1,2]", "cluster.address=auto"])
+    )
+    with pytest.raises(ConfigError, match="INFINITUNE_NOT_SET is not set"):
+        load_job_config("env:INFINITUNE_NOT_SET")
+    monkeypatch.setenv("INFINITUNE_TEST_CONFIG", "train: {lr: [")
+    with pytest.raises(ConfigError, match="env:INFINITUNE_TEST_CONFIG: not valid YAML"):
+        load_job_config("env:INFINITUNE_TEST_CONFIG")

@@ -10,10 +10,10 @@ import sys
 import pytest
 import torch
 
+from infinitune.testing.jobs import job_config, logs, make_tiny_setup, run, run_dir_of
 from infinitune.trainer import scoring
 
 from .conftest import write_jsonl
-from .train_helpers import job_config, logs, make_tiny_setup, run, run_dir_of
 
 
 def test_exact_match_ignores_surrounding_and_repeated_whitespace_only():

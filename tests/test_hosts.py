@@ -13,23 +13,15 @@ import time
 
 import pytest
 
+from infinitune.testing.host_jobs import CLI, FAILURE_DETECTION, fault_job, finish, host_of_rank, start_driver
 from infinitune.testing.hosts import Hosts, HostsUnavailable, check_available
-
-from .train_helpers import job_config, logs, make_tiny_setup, run, run_dir_of, step_losses, wait_for_step
+from infinitune.testing.jobs import job_config, logs, make_tiny_setup, run, run_dir_of, step_losses, wait_for_step
 
 pytestmark = [pytest.mark.slow, pytest.mark.hosts]
 
 S3_PORT = 5555
 BUCKET = "bkt"
-CLI = [sys.executable, "-m", "infinitune.launcher.cli"]
 STEPS = 40
-# Ray's failure detection, quickened for tests: the GCS declares a node dead after 3 missed health checks 1 s
-# apart (production defaults: 5 missed, 3 s apart, 10 s timeout; see docs/operations.md).
-FAILURE_DETECTION = {
-    "RAY_health_check_period_ms": "1000",
-    "RAY_health_check_timeout_ms": "1000",
-    "RAY_health_check_failure_threshold": "3",
-}
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +78,15 @@ def test_a_job_submitted_to_host0_runs_one_worker_on_each_of_two_hosts_like_on_o
         "checkpoint": {"every_steps": 4},
         "cluster": {"storage_path": f"s3://{BUCKET}/runs", "local_dir": "runs"},
     }
-    config = job_config(setup, work, "two-hosts", **sections)
-    job_id = on_host0(hosts, "submit", config.name, "--address", hosts.dashboard, cwd=work).strip()
+    # The config lies outside the working directory (which is what is uploaded), and an override changes it:
+    # the resolved config travels with the job.
+    elsewhere = job_config(
+        setup, hosts.shared / "configs", "two-hosts", **{**sections, "train": {"max_steps": 5, "eval_every": 0}}
+    )
+    work.mkdir(parents=True, exist_ok=True)
+    job_id = on_host0(
+        hosts, "submit", str(elsewhere), "train.max_steps=8", "--address", hosts.dashboard, cwd=work
+    ).strip()
     state = wait_for_job(hosts, job_id, work)
     driver = on_host0(hosts, "logs", job_id, "--address", hosts.dashboard, cwd=work)
     assert state.endswith("SUCCEEDED"), driver[-5000:]
@@ -134,57 +133,6 @@ def reference(hosts, setup):
     assert "address" not in config.read_text()
     assert run(config) == 0, logs(config)
     return config
-
-
-def fault_job(hosts, setup, name, cluster: dict | None = None):
-    """The fault cases' job: 40 steps, checkpoints every 5 into S3, on the hosts' cluster (`cluster`: overrides
-    of its section); with cluster={} a plain local job of the same training."""
-    if cluster is None or cluster:
-        cluster = {
-            "address": hosts.head_address,
-            "num_workers": 2,
-            "storage_path": f"s3://{BUCKET}/runs",
-            "local_dir": str(hosts.shared / "work" / "runs"),  # the driver's run directory: logs and metrics
-            **(cluster or {}),
-        }
-    return job_config(
-        setup,
-        hosts.shared / "work",
-        name,
-        train={"max_steps": STEPS, "eval_every": 0},
-        checkpoint={"every_steps": 5},
-        cluster=cluster,
-        logging={"log_samples": True},
-    )
-
-
-def start_driver(hosts, config, env=None):
-    """`infinitune train CONFIG` on host 0, joining the cluster; its output in RUN_DIR.driver.log."""
-    log = config.with_suffix(".driver.log")
-    env = {**hosts.ray_env(), **hosts.s3_env, **(env or {})}
-    return hosts[0].run([*CLI, "train", str(config)], env=env, log=log), log
-
-
-def finish(driver, timeout: float = 600) -> None:
-    """Wait for the driver; one still running then is ended (by its id), not left to disturb the next case."""
-    try:
-        driver.wait(timeout=timeout)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait(timeout=30)
-
-
-def host_of_rank(hosts, config, rank: int, after: float = 0.0):
-    """The host whose worker was rank `rank` in the newest worker group started after `after` (time.time())."""
-    text = (run_dir_of(config) / "logs" / f"rank{rank}.log").read_text()
-    found = None
-    for stamp, name in re.findall(
-        rf"^(\S+ \S+) rank{rank} INFO \S+: worker rank {rank} of \d+: pid \d+ on (\S+)", text, re.M
-    ):
-        if time.mktime(time.strptime(stamp.split(",")[0], "%Y-%m-%d %H:%M:%S")) >= after - 1:
-            found = name
-    return next((h for h in hosts if h.namespace == found), None)
 
 
 def samples(config) -> list[int]:

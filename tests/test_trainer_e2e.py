@@ -9,10 +9,7 @@ import signal
 import pytest
 import torch
 
-from infinitune.trainer.checkpoint_format import checkpoint_problem
-from infinitune.trainer.preemption import EXIT_PREEMPTED
-
-from .train_helpers import (
+from infinitune.testing.jobs import (
     job_config,
     logs,
     make_tiny_setup,
@@ -22,6 +19,8 @@ from .train_helpers import (
     step_losses,
     wait_for_step,
 )
+from infinitune.trainer.checkpoint_format import checkpoint_problem
+from infinitune.trainer.preemption import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.slow
 

@@ -20,19 +20,26 @@ def client(address: str):
     return JobSubmissionClient(address)
 
 
-def submit(address: str, config: str, overrides: list[str], working_dir: str = ".") -> str:
-    """Submit `infinitune train CONFIG` as a Ray Job; returns its id. The package and the working directory
-    travel with it, so the cluster needs only Ray and the dependencies."""
+# The resolved job config travels with the job in this variable of the driver's environment (and so of its
+# workers'): the config file may lie anywhere on the submitting machine.
+SUBMITTED_CONFIG = "INFINITUNE_SUBMITTED_CONFIG"
+
+
+def submit(address: str, config_yaml: str, working_dir: str = ".") -> str:
+    """Submit `infinitune train` of the resolved config `config_yaml` as a Ray Job; returns its id. The
+    package and the working directory travel with it, so the cluster needs only Ray and the dependencies;
+    relative paths in the config are read from the working directory there."""
     entrypoint = " ".join(
         shlex.quote(x)
-        for x in ["python", "-m", "infinitune.launcher.cli", "train", config, *overrides, "cluster.address=auto"]
+        for x in ["python", "-m", "infinitune.launcher.cli", "train", f"env:{SUBMITTED_CONFIG}", "cluster.address=auto"]
     )
     runtime_env: dict[str, Any] = {
         "working_dir": working_dir,
         "excludes": EXCLUDES,
         "py_modules": [str(Path(infinitune.__file__).parent)],
-        # No env_vars here: the job's driver passes its own to the workers (ray_job.ray_environment), and Ray
-        # refuses a key set in both places.
+        # The driver passes its own variables to the workers (ray_job.ray_environment); Ray refuses a key set
+        # both here and there, and this one is set only here.
+        "env_vars": {SUBMITTED_CONFIG: config_yaml},
     }
     return client(address).submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
 

@@ -149,13 +149,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from infinitune.cluster import jobs
-    from infinitune.launcher.job_config import load_job_config, run_location, save_job_config
+    from infinitune.launcher.job_config import dump_job_config, load_job_config, run_location, save_job_config
 
     cfg = load_job_config(args.config, args.overrides)  # refuse a bad config before anything reaches the cluster
-    config = Path(args.config).resolve()
-    if not config.is_relative_to(Path.cwd()):
-        raise ConfigError("", f"{args.config} must lie inside the working directory, which is what is uploaded")
-    job_id = jobs.submit(args.address, str(config.relative_to(Path.cwd())), args.overrides)
+    job_id = jobs.submit(args.address, dump_job_config(cfg))  # the resolved config, overrides applied
     print(job_id)
     print(
         f"follow it: infinitune status {job_id} --address {args.address}; infinitune logs {job_id} --address ...",

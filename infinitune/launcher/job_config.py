@@ -112,12 +112,11 @@ class JobConfig:
 
 
 def load_job_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
-    """Read a YAML job config, apply overrides and check everything; errors name the key path."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError("", f"{path}: no such config file")
+    """Read a YAML job config, apply overrides and check everything; errors name the key path. `path` is a
+    file, or `env:NAME` for the YAML held by environment variable NAME (how `submit` sends the resolved
+    config with the job)."""
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.safe_load(_config_text(str(path)))
     except yaml.YAMLError as e:
         raise ConfigError("", f"{path}: not valid YAML: {e}") from None
     except UnicodeDecodeError as e:
@@ -128,6 +127,17 @@ def load_job_config(path: str | os.PathLike, overrides: list[str] | tuple[str, .
         return from_dict(JobConfig, apply_overrides(data, list(overrides)))
     except ConfigError as e:
         raise ConfigError(e.key, f"{e.message} (in {path})") from None
+
+
+def _config_text(path: str) -> str:
+    if path.startswith("env:"):
+        text = os.environ.get(path[4:])
+        if text is None:
+            raise ConfigError("", f"{path}: the environment variable {path[4:]} is not set")
+        return text
+    if not Path(path).is_file():
+        raise ConfigError("", f"{path}: no such config file")
+    return Path(path).read_text(encoding="utf-8")
 
 
 def _is_local(path: str) -> bool:
@@ -176,8 +186,12 @@ def run_location(cfg: JobConfig) -> tuple[Path, str | None]:
     return Path(storage) / cfg.name, None
 
 
+def dump_job_config(cfg: JobConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def save_job_config(cfg: JobConfig, path: str | os.PathLike) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    Path(path).write_text(dump_job_config(cfg), encoding="utf-8")
 
 
 def model_max_positions(model: ModelConfig) -> int | None:

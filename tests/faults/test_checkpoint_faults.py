@@ -8,9 +8,8 @@ import re
 
 import pytest
 
+from infinitune.testing.jobs import job_config, logs, make_tiny_setup, run, run_dir_of, step_losses
 from infinitune.trainer.checkpoint_format import checkpoint_problem
-
-from ..train_helpers import job_config, logs, make_tiny_setup, run, run_dir_of, step_losses
 
 pytestmark = pytest.mark.slow
 

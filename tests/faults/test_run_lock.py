@@ -9,9 +9,8 @@ import sys
 import pytest
 
 from infinitune.launcher.lock import RunLock
+from infinitune.testing.jobs import job_config, make_tiny_setup, run_dir_of, step_losses, wait_for_step
 from infinitune.typed_config import ConfigError
-
-from ..train_helpers import job_config, make_tiny_setup, run_dir_of, step_losses, wait_for_step
 
 
 def test_the_lock_names_its_holder_and_is_free_again_once_released(tmp_path):

@@ -1,4 +1,4 @@
-"""Running real 2-process DeepSpeed jobs from tests: a tiny model and shards, configs, launching and reading."""
+"""Real 2-process DeepSpeed jobs for tests and benchmarks: a tiny model and shards, configs, launching and reading."""
 
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -335,10 +336,16 @@ def test_a_run_on_s3_stopped_through_its_driver_resumes_from_s3_to_the_same_loss
     )
     assert [c["step"] for c in status["checkpoints"]] == [stopped]
 
+    copies = set(Path(tempfile.gettempdir()).glob("infinitune-restore-*"))
     resumed = subprocess.run(  # with an override: keep one checkpoint, so the stopped one is pruned in S3
         [*cli, "resume", str(run_dir), "checkpoint.keep_last=1"], capture_output=True, text=True, env=env, timeout=600
     )
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-5000:]
+    # One copy of the checkpoint on the node, made by one rank and loaded by both, gone once they have.
+    ranks = [(run_dir / "logs" / f"rank{r}.log").read_text() for r in (0, 1)]
+    assert sum(f"copied step_{stopped:06d} from storage" in text for text in ranks) == 1
+    assert sum(f"using this node's copy of step_{stopped:06d}" in text for text in ranks) == 1
+    assert set(Path(tempfile.gettempdir()).glob("infinitune-restore-*")) == copies
     assert f"step {stopped})" in (run_dir / "logs" / "rank0.log").read_text()  # resumed from S3's checkpoint
     want, got = step_losses(reference), step_losses(config)
     assert sorted(got) == list(range(1, STEPS + 1))

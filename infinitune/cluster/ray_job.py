@@ -11,12 +11,16 @@ file system all nodes share (no copy), downloaded otherwise.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import logging
 import os
 import queue
+import shutil
 import signal
 import tempfile
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -24,6 +28,7 @@ from typing import Any
 from infinitune.cluster.config import ClusterConfig
 from infinitune.data_pipeline.errors import DataError
 from infinitune.trainer.checkpoint_errors import CheckpointError
+from infinitune.trainer.checkpoint_format import COMPLETE
 from infinitune.trainer.context import RunContext
 from infinitune.trainer.preemption import EXIT_PREEMPTED
 from infinitune.typed_config import ConfigError
@@ -191,6 +196,7 @@ class RayContext(RunContext):
         self.storage = storage  # a URI: rank 0 copies TensorBoard logs and metrics there at every checkpoint
         self.stop = stop  # the driver's StopFlag actor: set when the driver is told to stop (SIGTERM, Ctrl-C)
         self._asking = None  # the question to it in flight
+        self._restored: Path | None = None  # this node's copy of the checkpoint restored from object storage
 
     def checkpoint_root(self, run_dir: Path, rank: int) -> tuple[Path, bool]:
         import ray.train
@@ -207,9 +213,43 @@ class RayContext(RunContext):
             return None
         if getattr(checkpoint.filesystem, "type_name", "") == "local":
             return Path(checkpoint.path)  # a shared file system: read in place, nothing copied
-        target = Path(tempfile.mkdtemp(prefix="infinitune-restore-")) / Path(checkpoint.path).name
-        checkpoint.to_directory(str(target))
+        # From object storage: one copy per node, which its ranks share (and convert once, see reshard.py).
+        run = hashlib.sha256(str(Path(checkpoint.path).parent).encode()).hexdigest()[:16]
+        target = Path(tempfile.gettempdir()) / f"infinitune-restore-{run}" / Path(checkpoint.path).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target.parent / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # the first rank of the node downloads; the others wait for it
+            with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{COMPLETE}") as f:
+                marker = f.read()
+            copied = target / COMPLETE
+            if target.is_dir() and not (copied.is_file() and copied.read_bytes() == marker):  # another save
+                shutil.rmtree(target)
+            if not target.is_dir():
+                for debris in target.parent.glob("*.staging-*"):  # of a download that died: never used
+                    shutil.rmtree(debris, ignore_errors=True)
+                staging = target.with_name(f"{target.name}.staging-{os.getpid()}")
+                started = time.perf_counter()
+                checkpoint.to_directory(str(staging))
+                os.replace(staging, target)
+                size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
+                log.info(
+                    "copied %s from storage to %s (%.2f GB in %.1f s) for this node's ranks",
+                    target.name,
+                    target,
+                    size / 1e9,
+                    time.perf_counter() - started,
+                )
+            else:
+                log.info("using this node's copy of %s in %s", target.name, target)
+        self._restored = target
         return target
+
+    def restore_done(self) -> None:
+        import ray.train
+
+        if self._restored is not None and ray.train.get_context().get_local_rank() == 0:
+            shutil.rmtree(self._restored.parent, ignore_errors=True)  # every rank has loaded it (a barrier)
+        self._restored = None
 
     def report(self, step: int, metrics: dict[str, Any], checkpoint: Path | None) -> None:
         import ray.train

@@ -22,5 +22,8 @@ class RunContext:
         let `checkpoint.resume` decide."""
         return None
 
+    def restore_done(self) -> None:
+        """Every rank has loaded the checkpoint `restore_from` gave: a copy made for it may go."""
+
     def report(self, step: int, metrics: dict[str, Any], checkpoint: Path | None) -> None:
         """Step metrics, and each complete checkpoint, as they happen."""

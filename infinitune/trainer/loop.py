@@ -377,6 +377,7 @@ def setup(spec: TrainerSpec, ctx: RunContext) -> Workspace:
         engine=engine, train=state, data=train_loader, rng=RandomState(spec.train.seed, rank), adapter=budget
     )
     restored = checkpointer.load(directory=ctx.restore_from())
+    ctx.restore_done()
 
     peak, peak_source = device_peak_tflops(spec.logging.peak_tflops)
     metrics = MetricsWriter(run_dir, enabled=rank == 0, tensorboard=spec.logging.tensorboard)

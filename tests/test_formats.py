@@ -193,3 +193,65 @@ def test_custom_role_names_ignore_case():
         ]
     }
     assert normalise(rec, "sharegpt", roles={"Narrator": "system"}).messages[0]["role"] == "system"
+
+
+def turns(*pairs):
+    return {"conversations": [{"from": who, "value": text} for who, text in pairs]}
+
+
+BOTH = ("leading_assistant", "merge_consecutive")
+REPAIRED = [
+    # (record, repairs applied, messages after)
+    (
+        turns(("gpt", "orphan answer"), ("human", "q"), ("gpt", "a")),
+        ["leading_assistant"],
+        [("user", "q"), ("assistant", "a")],
+    ),
+    (
+        {**turns(("gpt", "x"), ("observation", "{}"), ("human", "q"), ("gpt", "a")), "system": "be brief"},
+        ["leading_assistant"],
+        [("system", "be brief"), ("user", "q"), ("assistant", "a")],
+    ),
+    (
+        turns(("human", "first"), ("human", "second"), ("gpt", "a")),
+        ["merge_consecutive"],
+        [("user", "first\n\nsecond"), ("assistant", "a")],
+    ),
+    (
+        turns(("human", "q"), ("gpt", "part one"), ("gpt", ""), ("gpt", "part two")),
+        ["merge_consecutive"],
+        [("user", "q"), ("assistant", "part one\n\npart two")],
+    ),
+    (
+        turns(("gpt", "orphan"), ("human", "q1"), ("human", "q2"), ("gpt", "a"), ("human", "q3"), ("gpt", "b")),
+        ["leading_assistant", "merge_consecutive"],
+        [("user", "q1\n\nq2"), ("assistant", "a"), ("user", "q3"), ("assistant", "b")],
+    ),
+    (turns(("human", "q"), ("gpt", "a")), [], [("user", "q"), ("assistant", "a")]),  # nothing to repair
+]
+
+
+@pytest.mark.parametrize("record, applied, after", REPAIRED)
+def test_repairs_keep_what_real_dumps_lose_and_say_what_they_did(record, applied, after):
+    conv = normalise(record, "sharegpt", repairs=BOTH)
+    assert [(m["role"], m["content"]) for m in conv.messages] == after
+    assert conv.repaired == applied
+    if applied:  # without the repairs: refused, the error naming the repair that would keep it
+        with pytest.raises(RecordError) as info:
+            normalise(record, "sharegpt")
+        assert info.value.reason == "not_alternating"
+        assert f"the repairs {applied[0]!r}" in info.value.detail and "`repairs`" in info.value.detail
+
+
+@pytest.mark.parametrize(
+    "record, reason",
+    [
+        (turns(("gpt", "a"), ("gpt", "b")), "not_alternating"),  # no user turn at all: nothing left to keep
+        (turns(("human", "q"), ("gpt", "a"), ("system", "s")), "not_alternating"),  # a system turn in the middle
+        (turns(("human", "q1"), ("human", "q2")), "no_answer"),  # merged, and still no answer
+    ],
+)
+def test_what_no_repair_can_fix_is_still_refused_without_a_hint(record, reason):
+    with pytest.raises(RecordError) as info:
+        normalise(record, "sharegpt", repairs=BOTH)
+    assert info.value.reason == reason and "repair" not in info.value.detail

@@ -143,8 +143,8 @@ BAD_LINES = [
     ('{"instruction": "a"}', "missing_field"),
     ('{"instruction": "a", "output": ""}', "empty_answer"),
     ('{"conversations": [{"from": "wizard", "value": "a"}, {"from": "gpt", "value": "b"}]}', "unknown_role"),
-    (
-        '{"conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}]}',
+    (  # a system turn in the middle: no repair applies
+        '{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}, {"from": "system", "value": "c"}]}',
         "not_alternating",
     ),
     (b'{"instruction": "caf\xe9", "output": "b"}', "bad_utf8"),
@@ -296,3 +296,41 @@ def test_csv_through_datasets_and_one_object_json(tmp_path, tiny_tokenizer):
             num_proc=1,
             progress=False,
         )
+
+
+def test_repaired_conversations_are_kept_counted_and_listed(tmp_path, tiny_tokenizer):
+    """A dump whose scrape lost first questions or split turns: repaired by default (counted within kept, by
+    repair, and listed in repaired.jsonl); with `repairs: []` the same records are refused, naming the repair."""
+    from infinitune.data_pipeline.prepare import REPAIRED_REPORT
+
+    def conv(*pairs):
+        return {"conversations": [{"from": who, "value": text} for who, text in pairs]}
+
+    dump = [
+        GOOD_SHAREGPT,
+        conv(("gpt", "an answer whose question was lost"), ("human", "q"), ("gpt", "a")),
+        conv(("human", "q1"), ("human", "q2"), ("gpt", "a")),
+        conv(("gpt", "lost"), ("human", "q1"), ("human", "q2"), ("gpt", "a")),
+        conv(("human", "q"), ("gpt", "a"), ("system", "mid")),  # no repair applies
+    ]
+    path = tmp_path / "dump.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in dump))
+    cfg = data_config(tmp_path, [{"path": str(path)}], val_fraction=0)
+    (s,) = prepare(cfg, tiny_tokenizer, skip_invalid=True, num_proc=1, progress=False).sources
+    assert s["records"] == 5 == s["kept"] + sum(s["dropped"].values())
+    assert s["kept"] == 4 and s["dropped"] == {"not_alternating": 1} and s["train_documents"] == 4
+    assert s["repaired"] == {"leading_assistant": 2, "merge_consecutive": 2}
+    rows = [json.loads(x) for x in (tmp_path / "shards" / REPAIRED_REPORT).read_text().splitlines()]
+    assert [(r["location"].rsplit(":", 1)[1], r["repairs"]) for r in rows] == [
+        ("2", ["leading_assistant"]),
+        ("3", ["merge_consecutive"]),
+        ("4", ["leading_assistant", "merge_consecutive"]),
+    ]
+
+    strict = data_config(tmp_path, [{"path": str(path), "repairs": []}], val_fraction=0)
+    with pytest.raises(DataError) as info:
+        prepare(strict, tiny_tokenizer, num_proc=1, progress=False)
+    assert f"{path}:2: not_alternating" in str(info.value) and "'leading_assistant'" in str(info.value)
+    (s,) = prepare(strict, tiny_tokenizer, skip_invalid=True, num_proc=1, progress=False).sources
+    assert s["kept"] == 1 and s["dropped"] == {"not_alternating": 4} and s["repaired"] == {}
+    assert not (tmp_path / "shards" / REPAIRED_REPORT).exists()

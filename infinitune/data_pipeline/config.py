@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from infinitune.data_pipeline.formats import REPAIRS
 from infinitune.typed_config import require
 
 Format = Literal["auto", "alpaca", "sharegpt", "messages"]
@@ -34,9 +35,17 @@ class SourceConfig:
     roles: dict[str, str] = field(default_factory=dict)
     """Extra role names and what they mean (system, user, assistant or tool), e.g. {narrator: system}."""
 
+    repairs: list[str] = field(default_factory=lambda: ["leading_assistant", "merge_consecutive"])
+    """Conversations (sharegpt, messages) whose turn order is repaired instead of refused, each repaired record
+    counted by repair in the manifest and listed in repaired.jsonl: leading_assistant (assistant or tool turns
+    before the first user turn are dropped: the scrape lost the question), merge_consecutive (two user turns, or
+    two assistant turns, in a row become one, joined by a blank line). [] refuses such conversations."""
+
     def __post_init__(self):
         require(bool(self.path.strip()), "path", "must name a file, directory or dataset")
         require(0 < self.weight <= 100, "weight", f"must be in (0, 100]; got {self.weight}")
+        for name in self.repairs:
+            require(name in REPAIRS, "repairs", f"{name!r} is not a repair; known: {', '.join(REPAIRS)}")
         allowed = {"system", "user", "assistant", "tool"}
         for name, role in self.roles.items():
             require(role in allowed, f"roles.{name}", f"must be one of {sorted(allowed)}; got {role!r}")

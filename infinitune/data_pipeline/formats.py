@@ -5,6 +5,11 @@ optionally with tool definitions beside it. It always has this structure, or the
 RecordError naming the reason:
 
     [system] user assistant ( (tool+ assistant) | (user assistant) )*
+
+Conversations from real dumps often miss it in two ways that lose nothing worth training on when repaired
+(`REPAIRS`, chosen per source): the scrape lost the first user message, so the conversation begins with an
+assistant turn, which has no question and is dropped (`leading_assistant`, as FastChat's trainer does); or one
+side spoke twice in a row, and the two turns become one (`merge_consecutive`, joined by a blank line).
 """
 
 from __future__ import annotations
@@ -52,6 +57,12 @@ _NEXT: dict[str | None, set[str]] = {
 
 FORMATS = ("alpaca", "sharegpt", "messages")
 
+# Repairs of a conversation's turn order, and what each does; every repaired record is counted by repair.
+REPAIRS: dict[str, str] = {
+    "leading_assistant": "assistant or tool turns before the first user turn dropped",
+    "merge_consecutive": "consecutive user turns, or consecutive assistant turns, merged into one",
+}
+
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -60,6 +71,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 class Conversation:
     messages: list[dict[str, str]]
     tools: list[Any] | None = field(default=None)
+    repaired: list[str] = field(default_factory=list)  # the REPAIRS applied to it
 
 
 def detect_format(records: Iterable[Mapping[str, Any]]) -> str | None:
@@ -82,8 +94,11 @@ def rename_columns(record: Any, columns: Mapping[str, str]) -> Any:
     return {columns.get(k, k): v for k, v in record.items()}
 
 
-def normalise(record: Any, fmt: str, roles: Mapping[str, str] | None = None) -> Conversation:
-    """The record as a checked Conversation, or RecordError."""
+def normalise(
+    record: Any, fmt: str, roles: Mapping[str, str] | None = None, repairs: Iterable[str] = ()
+) -> Conversation:
+    """The record as a checked Conversation, with `repairs` (names in REPAIRS) applied where they are needed, or
+    RecordError."""
     if not isinstance(record, Mapping):
         raise RecordError("not_an_object", f"expected a JSON object, got {type(record).__name__}")
     if fmt == "alpaca":
@@ -94,7 +109,13 @@ def normalise(record: Any, fmt: str, roles: Mapping[str, str] | None = None) -> 
         conv = _from_turns(record, _field(record, "messages", list), "role", "content", roles)
     else:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
-    check_structure(conv.messages)
+    repairs = set(repairs)
+    if fmt != "alpaca":
+        conv.messages, conv.repaired = repair(conv.messages, repairs)
+    try:
+        check_structure(conv.messages)
+    except RecordError as err:
+        raise _with_repair_hint(err, conv.messages, repairs) from None
     for i, m in enumerate(conv.messages):
         bad = _SURROGATE.search(m["content"])
         if bad:  # valid JSON ("\\udcff") but no text: the tokenizer cannot encode it
@@ -102,6 +123,49 @@ def normalise(record: Any, fmt: str, roles: Mapping[str, str] | None = None) -> 
                 "bad_utf8", f"turn {i + 1} holds a lone surrogate \\u{ord(bad.group()):04x} (a broken \\u escape)"
             )
     return conv
+
+
+def repair(messages: list[dict[str, str]], repairs: set[str]) -> tuple[list[dict[str, str]], list[str]]:
+    """The messages with `repairs` applied where they change something, and the names of those applied."""
+    done = []
+    if "leading_assistant" in repairs:
+        start = 1 if messages and messages[0]["role"] == SYSTEM else 0
+        end = start
+        while end < len(messages) and messages[end]["role"] in (ASSISTANT, TOOL):
+            end += 1
+        if start < end < len(messages):  # something left to learn from
+            messages = messages[:start] + messages[end:]
+            done.append("leading_assistant")
+    if "merge_consecutive" in repairs:
+        merged: list[dict[str, str]] = []
+        for m in messages:
+            if merged and m["role"] == merged[-1]["role"] and m["role"] in (USER, ASSISTANT):
+                parts = [t for t in (merged[-1]["content"], m["content"]) if t.strip()]
+                merged[-1] = {"role": m["role"], "content": "\n\n".join(parts)}
+            else:
+                merged.append(m)
+        if len(merged) < len(messages):
+            messages = merged
+            done.append("merge_consecutive")
+    return messages, done
+
+
+def _with_repair_hint(err: RecordError, messages: list[dict[str, str]], enabled: set[str]) -> RecordError:
+    """`err`, saying which repairs the source does not allow would have kept the record."""
+    missing = [name for name in REPAIRS if name not in enabled]
+    if err.reason != "not_alternating" or not missing:
+        return err
+    for wanted in [[name] for name in missing] + ([missing] if len(missing) > 1 else []):
+        fixed, _ = repair(messages, enabled | set(wanted))
+        try:
+            check_structure(fixed)
+        except RecordError:
+            continue
+        what = "; ".join(f"{name!r} ({REPAIRS[name]})" for name in wanted)
+        return RecordError(
+            err.reason, f"{err.detail}; the repairs {what} would keep it: add it to the source's `repairs`"
+        )
+    return err
 
 
 def check_structure(messages: list[dict[str, str]]) -> None:

@@ -42,6 +42,7 @@ from infinitune.version import __version__
 log = logging.getLogger(__name__)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 SKIPPED_REPORT = "skipped.jsonl"
+REPAIRED_REPORT = "repaired.jsonl"
 
 
 @dataclass
@@ -60,6 +61,8 @@ class ChunkResult:
     counts: collections.Counter = field(default_factory=collections.Counter)  # records, kept, truncated, ...
     dropped: collections.Counter = field(default_factory=collections.Counter)  # reason -> records
     skipped: list[dict[str, Any]] = field(default_factory=list)  # rows of the skipped-records report
+    repaired: collections.Counter = field(default_factory=collections.Counter)  # repair -> kept records
+    repaired_rows: list[dict[str, Any]] = field(default_factory=list)  # rows of the repaired-records report
     train: list[ShardInfo] = field(default_factory=list)
     val: list[ShardInfo] = field(default_factory=list)
 
@@ -103,7 +106,7 @@ class _Worker:
             try:
                 if isinstance(record, RecordError):
                     raise record
-                conv = normalise(rename_columns(record, src.columns), chunk.fmt, src.roles)
+                conv = normalise(rename_columns(record, src.columns), chunk.fmt, src.roles, src.repairs)
             except RecordError as err:
                 self._drop(res, where, err, record)
                 continue
@@ -120,7 +123,7 @@ class _Worker:
 
         passes: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(max([k[3] for k in keep] + [1]))]
         val_docs = []
-        for (where, record, _, copies), encoded in zip(keep, self.encoder.encode([k[2] for k in keep])):
+        for (where, record, conv, copies), encoded in zip(keep, self.encoder.encode([k[2] for k in keep])):
             if isinstance(encoded, RecordError):
                 self._drop(res, where, encoded, record)
                 continue
@@ -137,6 +140,9 @@ class _Worker:
                     continue
                 res.counts["truncated"] += 1
             res.counts["kept"] += 1
+            if conv.repaired:
+                res.repaired.update(conv.repaired)
+                res.repaired_rows.append({"location": where, "repairs": conv.repaired})
             if copies == 0:
                 res.counts["validation"] += 1
                 val_docs.append((ids, labels))
@@ -335,10 +341,14 @@ def _finish(cfg: DataConfig, tokenizer: Any, chat_template: str, results: list[C
         },
         created_by=f"infinitune {__version__}",
     )
-    skipped = [row for r in results for row in r.skipped]
-    if skipped:
-        with open(tmp / SKIPPED_REPORT, "w", encoding="utf-8") as f:
-            for row in skipped:
+    for name, rows in (
+        (SKIPPED_REPORT, [row for r in results for row in r.skipped]),
+        (REPAIRED_REPORT, [row for r in results for row in r.repaired_rows]),
+    ):
+        if not rows:
+            continue
+        with open(tmp / name, "w", encoding="utf-8") as f:
+            for row in rows:
                 text = json.dumps(row, ensure_ascii=False, default=str)
                 if _SURROGATE.search(text):  # a lone surrogate (a JSON "\\udcff" escape) is no UTF-8: escape it
                     text = json.dumps(row, ensure_ascii=True, default=str)
@@ -348,16 +358,19 @@ def _finish(cfg: DataConfig, tokenizer: Any, chat_template: str, results: list[C
 
 
 def _accounting(sources: list[SourceConfig], results: list[ChunkResult]) -> list[dict[str, Any]]:
-    """Per source: records read = kept + dropped (by reason); kept = train + validation records."""
+    """Per source: records read = kept + dropped (by reason); kept = train + validation records; `repaired`
+    counts, by repair, the kept records it was applied to (within kept; a record may have had two)."""
     out = []
     for s, src in enumerate(sources):
         counts: collections.Counter = collections.Counter()
         dropped: collections.Counter = collections.Counter()
+        repaired: collections.Counter = collections.Counter()
         formats = set()
         for r in results:
             if r.source == s:
                 counts.update(r.counts)
                 dropped.update(r.dropped)
+                repaired.update(r.repaired)
                 formats.add(r.fmt)
         out.append(
             {
@@ -370,6 +383,7 @@ def _accounting(sources: list[SourceConfig], results: list[ChunkResult]) -> list
                 "train_documents": counts["train_documents"],
                 "truncated": counts["truncated"],
                 "dropped": dict(sorted(dropped.items())),
+                "repaired": dict(sorted(repaired.items())),
             }
         )
     return out

@@ -46,7 +46,7 @@ def cmd_generate_data(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from infinitune.data_pipeline.prepare import SKIPPED_REPORT, prepare
+    from infinitune.data_pipeline.prepare import REPAIRED_REPORT, SKIPPED_REPORT, prepare
     from infinitune.data_pipeline.tokenizer import load_tokenizer
     from infinitune.launcher.job_config import check_against_model, load_job_config
 
@@ -61,9 +61,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     print(f"\nshards in {cfg.data.shards_dir} ({took:.1f}s)")
     for src in manifest.sources:
         dropped = ", ".join(f"{k} {v}" for k, v in src["dropped"].items()) or "none"
+        repaired = "".join(f", repaired: {k} {v}" for k, v in src.get("repaired", {}).items())
         print(
             f"  {src['path']} [{src['format']}]: {src['records']} records = {src['kept']} kept "
-            f"({src['validation']} validation, {src['truncated']} truncated) + dropped: {dropped}"
+            f"({src['validation']} validation, {src['truncated']} truncated{repaired}) + dropped: {dropped}"
         )
     for name, split in manifest.splits.items():
         t = split.totals(manifest.seq_len)
@@ -74,6 +75,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         )
     if any(src["dropped"] for src in manifest.sources):
         print(f"  skipped records and their reasons: {os.path.join(cfg.data.shards_dir, SKIPPED_REPORT)}")
+    if any(src.get("repaired") for src in manifest.sources):
+        print(f"  repaired records and their repairs: {os.path.join(cfg.data.shards_dir, REPAIRED_REPORT)}")
     return 0
 
 

@@ -249,3 +249,84 @@ def test_shards_stream_from_urls(shards, scheme, tmp_path):
     got = global_batches(loaders(base, world=1), 5)
     for a, b in zip(reference, got):
         assert np.array_equal(a["input_ids"], b["input_ids"])
+
+
+def test_with_8_ranks_each_reads_its_own_samples_and_not_the_others(shards):
+    """Bytes counted, not timed: over an epoch each of 8 ranks reads at most 1.2x the bytes of the samples it
+    trains on (plus the shards' indexes), where streaming whole shards read every sample of every window."""
+    from infinitune.data_pipeline import sample_index
+    from infinitune.data_pipeline.stream import ShardStream
+
+    manifest = read_manifest(shards)
+    infos = manifest.splits["train"].shards
+    indexes = [sample_index.load_index(shards, info) for info in infos]
+    offsets = np.concatenate([[0], np.cumsum([info.samples for info in infos])])
+    layout = BatchLayout(16, 8, 2)
+    n = manifest.splits["train"].samples
+    for rank in range(8):
+        sample_index.READ.clear()
+        stream = ShardStream(shards, manifest, "train", layout, rank, shuffle_window=40)
+        ids = [
+            int(i)
+            for mb in itertools.islice(stream.micro_batches(), n // layout.global_batch_size)
+            for i in mb["sample_index"]
+        ]
+        shard = np.searchsorted(offsets, ids, side="right") - 1
+        own = sum(
+            int(indexes[s][i - offsets[s]]["end"] - indexes[s][i - offsets[s]]["start"]) for s, i in zip(shard, ids)
+        )
+        assert own <= sample_index.READ["bytes"] <= 1.2 * own, (rank, sample_index.READ["bytes"], own)
+    whole = sum(info.bytes for info in infos)
+    assert sample_index.READ["bytes"] < whole / 6  # a rank's share, not the dataset
+
+
+def test_a_flipped_byte_in_one_sample_is_refused_naming_the_shard_and_the_sample(shards, tmp_path):
+    import shutil
+
+    from infinitune.data_pipeline.sample_index import load_index, read_samples
+
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    info = read_manifest(str(copy)).splits["train"].shards[1]
+    start = int(load_index(str(copy), info)[3]["start"])
+    path = copy / info.name
+    data = bytearray(path.read_bytes())
+    data[start + 512 + 200] ^= 0x01  # inside the first member's data, past its header
+    path.write_bytes(bytes(data))
+    assert [i for i, _ in read_samples(str(copy), info, [2, 4])] == [2, 4]  # its neighbours read fine
+    with pytest.raises(DataError, match=rf"{info.name}: sample 3 does not match its checksum"):
+        list(read_samples(str(copy), info, [2, 3, 4]))
+
+
+def test_shards_prepared_without_an_index_stream_as_before_and_can_be_indexed(shards, tmp_path, caplog):
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from infinitune.data_pipeline import sample_index
+
+    old = tmp_path / "old"
+    shutil.copytree(shards, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            del shard["index_sha256"]  # as an older infinitune wrote it
+            (old / (shard["name"] + sample_index.INDEX_SUFFIX)).unlink()
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    reference = global_batches(loaders(shards, world=2), 6)
+    with caplog.at_level("WARNING"):
+        got = global_batches(loaders(str(old), world=2), 6)
+    assert f"infinitune index {old}" in caplog.text
+    for a, b in zip(reference, got):
+        assert np.array_equal(a["input_ids"], b["input_ids"]) and np.array_equal(a["sample_index"], b["sample_index"])
+
+    out = subprocess.run(
+        [sys.executable, "-m", "infinitune.launcher.cli", "index", str(old)], capture_output=True, text=True
+    )
+    assert out.returncode == 0 and "indexed" in out.stdout, out.stderr
+    assert read_manifest(str(old)).splits["train"].shards[0].index_sha256
+    sample_index.READ.clear()
+    for a, b in zip(reference, global_batches(loaders(str(old), world=2), 6)):
+        assert np.array_equal(a["input_ids"], b["input_ids"])
+    assert sample_index.READ["bytes"] > 0  # read by range now

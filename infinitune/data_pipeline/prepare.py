@@ -32,6 +32,7 @@ from infinitune.data_pipeline.config import DataConfig, SourceConfig
 from infinitune.data_pipeline.errors import INVALID, DataError, RecordError
 from infinitune.data_pipeline.formats import detect_format, normalise, rename_columns
 from infinitune.data_pipeline.packing import pack_documents
+from infinitune.data_pipeline.sample_index import write_index
 from infinitune.data_pipeline.shards import MANIFEST, Manifest, ShardInfo, SplitInfo, write_shard
 from infinitune.data_pipeline.sources import iter_records
 from infinitune.data_pipeline.template import IGNORE, ChatEncoder
@@ -172,7 +173,8 @@ class _Worker:
                 "trained_tokens": (packed.labels[sl] != IGNORE).sum(),
                 "documents": packed.documents[sl].sum(),
             }
-            infos.append(write_shard(os.path.join(self.out_dir, f"{split}-{unit:05d}-{k:04d}.tar"), rows, stats))
+            path = os.path.join(self.out_dir, f"{split}-{unit:05d}-{k:04d}.tar")
+            infos.append(write_index(path, write_shard(path, rows, stats)))
         return infos
 
 

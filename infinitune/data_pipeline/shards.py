@@ -37,6 +37,7 @@ class ShardInfo:
     documents: int
     bytes: int
     sha256: str
+    index_sha256: str = ""  # of NAME.tar.idx.npy, each sample's byte range and digest (sample_index.py); "": none
 
 
 @dataclass

@@ -28,14 +28,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from infinitune.data_pipeline.errors import DataError
-from infinitune.data_pipeline.shards import (
-    FIELDS,
-    Manifest,
-    iter_shard,
-    join_url,
-    read_manifest,
-    verify_shard,
-)
+from infinitune.data_pipeline.sample_index import read_samples
+from infinitune.data_pipeline.shards import FIELDS, Manifest, join_url, read_manifest, verify_shard
 from infinitune.data_pipeline.template import IGNORE
 
 STATE_VERSION = 1
@@ -267,7 +261,7 @@ class ShardStream(IterableDataset):
             wanted = set(index[shard == s].tolist())
             info = self.shards[s]
             url = join_url(self.base, info.name)
-            for i, arrays in iter_shard(url, wanted, count=info.samples):
+            for i, arrays in read_samples(self.base, info, wanted):
                 if any(a.shape != (self.seq_len,) for a in arrays.values()):
                     raise DataError(f"{url}: sample {i} is not {self.seq_len} tokens long; re-run prepare")
                 samples[int(self.order.shard_offsets[s]) + i] = arrays

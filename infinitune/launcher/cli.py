@@ -45,6 +45,21 @@ def cmd_generate_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_index(args: argparse.Namespace) -> int:
+    from infinitune.data_pipeline.sample_index import index_dataset
+
+    if "://" in args.shards_dir or args.shards_dir.startswith("pipe:"):
+        raise ConfigError(
+            "shards_dir", f"{args.shards_dir}: index a local copy, then upload it with its .idx.npy files"
+        )
+    t0 = time.perf_counter()
+    done = index_dataset(args.shards_dir)
+    print(
+        f"indexed {done} shards in {args.shards_dir} ({time.perf_counter() - t0:.1f}s); ranks now read their own samples"
+    )
+    return 0
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     from infinitune.data_pipeline.prepare import REPAIRED_REPORT, SKIPPED_REPORT, prepare
     from infinitune.data_pipeline.tokenizer import load_tokenizer
@@ -310,6 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-invalid", action="store_true", help="skip bad records (counted, in skipped.jsonl)")
     p.add_argument("--num-proc", type=int, default=None, help="processes (default: data.num_proc)")
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("index", help="write the sample indexes of shards prepared without them (older versions)")
+    p.add_argument("shards_dir", help="a local shards directory (with manifest.json)")
+    p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("train", help="fine-tune on Ray (embedded, or cluster.address) with DeepSpeed workers")
     _add_overrides(p)

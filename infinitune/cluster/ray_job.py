@@ -28,7 +28,7 @@ from typing import Any
 from infinitune.cluster.config import ClusterConfig
 from infinitune.data_pipeline.errors import DataError
 from infinitune.trainer.checkpoint_errors import CheckpointError
-from infinitune.trainer.checkpoint_format import COMPLETE
+from infinitune.trainer.checkpoint_format import COMPLETE, checkpoint_problem
 from infinitune.trainer.context import RunContext
 from infinitune.trainer.preemption import EXIT_PREEMPTED
 from infinitune.typed_config import ConfigError
@@ -222,11 +222,14 @@ class RayContext(RunContext):
             with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{COMPLETE}") as f:
                 marker = f.read()
             copied = target / COMPLETE
-            if target.is_dir() and not (copied.is_file() and copied.read_bytes() == marker):  # another save
+            if target.is_dir() and not (
+                copied.is_file() and copied.read_bytes() == marker and checkpoint_problem(target, "size") is None
+            ):  # another save of that step, or a copy whose removal died part way
                 shutil.rmtree(target)
-            if not target.is_dir():
-                for debris in target.parent.glob("*.staging-*"):  # of a download that died: never used
+            for debris in target.parent.iterdir():  # older copies, downloads that died: never used again
+                if debris.name not in (target.name, ".lock"):
                     shutil.rmtree(debris, ignore_errors=True)
+            if not target.is_dir():
                 staging = target.with_name(f"{target.name}.staging-{os.getpid()}")
                 started = time.perf_counter()
                 checkpoint.to_directory(str(staging))
@@ -248,7 +251,11 @@ class RayContext(RunContext):
         import ray.train
 
         if self._restored is not None and ray.train.get_context().get_local_rank() == 0:
-            shutil.rmtree(self._restored.parent, ignore_errors=True)  # every rank has loaded it (a barrier)
+            # Renamed first: a removal cut short leaves no directory that looks like a copy to reuse.
+            parent = self._restored.parent
+            gone = parent.with_name(f"{parent.name}.removing-{os.getpid()}")
+            os.replace(parent, gone)
+            shutil.rmtree(gone, ignore_errors=True)
         self._restored = None
 
     def report(self, step: int, metrics: dict[str, Any], checkpoint: Path | None) -> None:

@@ -80,7 +80,7 @@ class Restored:
 
 
 class Checkpointer:
-    """The run's checkpoints, for all ranks together: every method but `close` is a collective call."""
+    """The run's checkpoints, for all ranks together: `load`, `save` and `wait` are collective calls."""
 
     def __init__(
         self,
@@ -122,9 +122,10 @@ class Checkpointer:
 
     def save(self, step: int, background: bool = False) -> Path | None:
         """Write checkpoint `step`; returns its directory once it is complete, or, with `background`, None once
-        the state is copied: a thread writes the files and `wait()` completes the checkpoint. A save still
-        in the background is completed first."""
-        self.wait()
+        the state is copied: a thread writes the files and `wait()` completes the checkpoint. A save still in
+        the background must be completed (and reported) with `wait()` first."""
+        if self._pending is not None:
+            raise RuntimeError(f"checkpoint {self._pending.directory.name} is still being written: wait() first")
         started = time.perf_counter()
         directory = step_dir(self.root, step)
         if self.rank == 0 or not self.shared:
@@ -211,10 +212,10 @@ class Checkpointer:
         return done
 
     def close(self) -> None:
-        """Let this rank's background writer finish its files (not a collective call: a save left incomplete
-        stays without its marker and is never loaded)."""
+        """Abandon a background save not completed by `wait()` (a run ending on an error): it stays without
+        its marker and is never loaded; its writer thread ends with the process. Not a collective call."""
         if self._pending is not None:
-            self._pending.join()
+            log.warning("checkpoint %s left incomplete (it will not be loaded)", self._pending.directory.name)
             self._pending = None
 
     def _complete(self, step: int, directory: Path) -> None:

@@ -377,7 +377,7 @@ def setup(spec: TrainerSpec, ctx: RunContext) -> Workspace:
         engine=engine, train=state, data=train_loader, rng=RandomState(spec.train.seed, rank), adapter=budget
     )
     restored = checkpointer.load(directory=ctx.restore_from())
-    ctx.restore_done()
+    ctx.restore_done()  # load() ends with a barrier: every rank has read the checkpoint
 
     peak, peak_source = device_peak_tflops(spec.logging.peak_tflops)
     metrics = MetricsWriter(run_dir, enabled=rank == 0, tensorboard=spec.logging.tensorboard)

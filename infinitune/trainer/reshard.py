@@ -96,13 +96,23 @@ def ensure_universal(directory: Path, rank: int) -> Path:
     file system every node shares. Then ranks that still do not see it (a node-local copy at the same path on
     another host) convert theirs, one per host and path. Ranks that downloaded their own copy (object storage)
     convert their own."""
-    here = (socket.gethostname(), str(directory.resolve()))
+    here = (_machine(), str(directory.resolve()))
     ranks = distributed.all_gather_object(here)
     first = next(r for r, (_, path) in enumerate(ranks) if path == here[1]) == rank
     _converted_by(first, directory)
     missing = not is_converted(directory)
     _converted_by(missing and ranks.index(here) == rank, directory)
     return universal_dir(directory)
+
+
+def _machine() -> str:
+    """This machine: its host name and boot id (two machines may share a name; network-namespace hosts on one
+    machine share the boot id but not the name)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
 
 
 def _converted_by(converter: bool, directory: Path) -> None:

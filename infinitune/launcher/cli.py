@@ -287,6 +287,15 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from infinitune.launcher.job_config import job_plan, load_job_config
+
+    cfg = load_job_config(args.config, args.overrides)
+    plan = job_plan(cfg, args.gpu, args.device_memory_gb, args.interconnect_gbps)
+    print(plan.to_json() if args.json else plan.table())
+    return 0
+
+
 def config_reference(root, describe) -> str:
     """Markdown reference of every config key, from the field docstrings."""
     lines = [
@@ -413,6 +422,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--check-model", action="store_true", help="also check against the model's config")
     p.set_defaults(func=cmd_config)
+
+    from infinitune.trainer.plan import GPUS
+
+    p = sub.add_parser("plan", help="what the job needs on each GPU and sends each step, before it is launched")
+    _add_overrides(p)
+    p.add_argument("--gpu", choices=sorted(GPUS), default="H100", help="the GPU to plan for (its memory and peak)")
+    p.add_argument("--device-memory-gb", type=float, default=None, help="the GPU's memory, if not the table's")
+    p.add_argument("--interconnect-gbps", type=float, default=400.0, help="each GPU's network bandwidth, Gb/s")
+    p.add_argument("--json", action="store_true", help="machine-readable")
+    p.set_defaults(func=cmd_plan)
     return parser
 
 

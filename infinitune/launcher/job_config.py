@@ -234,6 +234,56 @@ def _read_max_positions(model: ModelConfig) -> int | None:
     return getattr(cfg, "max_position_embeddings", None)
 
 
+def model_config(model: ModelConfig) -> dict[str, Any]:
+    """The model's config (config.json, a GGUF header, or a hub id's config): no weights are read."""
+    from transformers import AutoConfig
+
+    from infinitune.data_pipeline.tokenizer import resolve_model_source
+
+    try:
+        source, gguf = resolve_model_source(model.path, model.gguf_file)
+        kwargs = {"gguf_file": gguf} if gguf else {}
+        return AutoConfig.from_pretrained(source, trust_remote_code=model.trust_remote_code, **kwargs).to_dict()
+    except Exception as e:  # a missing or damaged config.json, an unreachable hub
+        from infinitune.trainer.plan import known_config
+
+        known = known_config(model.path)
+        if known is not None:  # a common model's architecture, shipped: planning needs no hub
+            return known
+        raise ConfigError(
+            "model.path", f"cannot read the model's config from {model.path} ({type(e).__name__}: {e})"
+        ) from None
+
+
+def job_plan(
+    cfg: JobConfig, gpu: str = "H100", device_memory_gb: float | None = None, interconnect_gbps: float = 400.0
+):
+    """What the job needs per GPU and sends per step (trainer/plan.py), at the largest world size it may run on."""
+    from infinitune.trainer.plan import ModelShape, make_plan
+
+    world = cfg.cluster.worker_range[1]
+    adapter = cfg.model.adapter
+    return make_plan(
+        ModelShape.from_config(model_config(cfg.model)),
+        world=world,
+        zero_stage=cfg.deepspeed.zero_stage,
+        precision=cfg.deepspeed.precision,
+        micro_batch=cfg.train.micro_batch_size,
+        seq_len=cfg.data.seq_len,
+        accumulation=cfg.train.global_batch_size // (cfg.train.micro_batch_size * world),
+        offload_optimizer=cfg.deepspeed.offload_optimizer,
+        offload_params=cfg.deepspeed.offload_params,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+        loss_chunk_tokens=cfg.model.loss_chunk_tokens,
+        lora_r=adapter.r if adapter is not None and adapter.method == "lora" else None,
+        persistence_threshold=cfg.deepspeed.param_persistence_threshold,
+        gpu=gpu,
+        device_memory_gb=device_memory_gb,
+        interconnect_gbps=interconnect_gbps,
+        model_name=cfg.model.path,
+    )
+
+
 def check_against_model(cfg: JobConfig) -> None:
     """Checks that need the model's config (not its weights): data.seq_len within its context."""
     limit = model_max_positions(cfg.model)

@@ -1,0 +1,113 @@
+"""`infinitune plan`: parameter counts equal transformers', model states agree with DeepSpeed's own estimators,
+and every shipped config is planned from its config alone."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from infinitune.trainer.plan import KNOWN_CONFIGS, ModelShape, make_plan
+
+from .conftest import REPO
+
+SHAPES = {
+    "llama-3.2-1b": KNOWN_CONFIGS["meta-llama/Llama-3.2-1B"],
+    "llama-3.1-8b": KNOWN_CONFIGS["meta-llama/Llama-3.1-8B"],
+    "llama-3.1-70b": KNOWN_CONFIGS["meta-llama/Llama-3.1-70B"],
+    "qwen2.5-7b": KNOWN_CONFIGS["Qwen/Qwen2.5-7B"],
+    "smollm2-135m": dict(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, model_type="llama",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(SHAPES["llama-3.2-1b"], num_hidden_layers=2),
+        dict(SHAPES["qwen2.5-7b"], num_hidden_layers=2),  # biases on q, k and v
+        dict(KNOWN_CONFIGS["mistralai/Mistral-7B-v0.3"], num_hidden_layers=2),
+        dict(SHAPES["smollm2-135m"]),
+    ],
+    ids=["llama-tied", "qwen2-bias", "mistral", "smollm2"],
+)
+def test_parameter_counts_equal_the_models_built_by_transformers(config):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf = AutoConfig.for_model(**config)
+    with torch.device("meta"):  # shapes only, no memory
+        model = AutoModelForCausalLM.from_config(hf)
+    assert ModelShape.from_config(hf.to_dict()).params == sum(p.numel() for p in model.parameters())
+
+
+def model_states(plan, *names) -> float:
+    return sum(i.bytes for i in plan.items if i.name in names)
+
+
+STATES = ("parameters", "gradients", "master weights (fp32)", "optimizer state (Adam)")
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+@pytest.mark.parametrize("world", [1, 8, 64])
+def test_model_states_agree_with_deepspeeds_estimators(name, world):
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    shape = ModelShape.from_config(SHAPES[name])
+    common = dict(world=world, precision="bf16", micro_batch=1, seq_len=1024)
+    zero3 = make_plan(shape, zero_stage=3, **common)
+    _, theirs, _ = estimate_zero3_model_states_mem_needs(
+        shape.params, shape.largest_layer, num_gpus_per_node=world, cpu_offload=False, cpu_offload_params=False
+    )
+    ours = model_states(zero3, *STATES, "ZeRO-3 largest layer, gathered")
+    assert abs(ours - theirs) <= 0.10 * theirs, (ours / 1e9, theirs / 1e9)
+    zero2 = make_plan(shape, zero_stage=2, **common)
+    _, theirs = estimate_zero2_model_states_mem_needs(shape.params, num_gpus_per_node=world, cpu_offload=False)
+    ours = model_states(zero2, *STATES)
+    assert abs(ours - theirs) <= 0.10 * theirs, (ours / 1e9, theirs / 1e9)
+
+
+def test_what_changes_the_plan_moves_the_items_it_should():
+    shape = ModelShape.from_config(SHAPES["llama-3.1-8b"])
+    base = dict(world=8, zero_stage=3, precision="bf16", micro_batch=2, seq_len=4096)
+    plain = make_plan(shape, **base)
+    item = {i.name: i for i in plain.items}
+    checkpointed = {i.name: i for i in make_plan(shape, **base, gradient_checkpointing=True).items}
+    assert checkpointed["activations"].bytes < item["activations"].bytes / 10
+    pieces = {i.name: i for i in make_plan(shape, **base, loss_chunk_tokens=1024).items}
+    assert pieces["logits and loss"].bytes == item["logits and loss"].bytes / 8
+    offloaded = make_plan(shape, **base, offload_optimizer="cpu")
+    assert offloaded.total() < plain.total() and offloaded.total("host") > 0
+    wider = make_plan(shape, **{**base, "world": 64})
+    assert wider.total() < plain.total() and wider.step["bytes_sent"] > plain.step["bytes_sent"]
+    lora = make_plan(shape, **base, lora_r=16)
+    assert lora.settings["trainable"] < shape.params / 100 and lora.total() < plain.total()
+    one = make_plan(shape, **{**base, "world": 1})
+    assert one.step["bytes_sent"] == 0 and not one.fits and one.largest.name == "optimizer state (Adam)"
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "infinitune.launcher.cli", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_every_shipped_config_is_planned_and_fits(config):
+    out = cli("plan", str(REPO / "configs" / config), "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    plan = json.loads(out.stdout)
+    assert plan["fits"] and plan["device_total_gb"] > 0 and plan["step"]["tokens_per_s"] > 0
+    table = cli("plan", str(REPO / "configs" / config))
+    assert "total on the device" in table.stdout and ": fits" in table.stdout
+
+
+def test_a_job_that_cannot_fit_is_named_with_its_largest_item():
+    config = Path(REPO / "configs" / "llama-8b-2x8gpu.yaml")
+    out = cli("plan", str(config), "cluster.num_workers=1", "train.global_batch_size=8", "--gpu", "L4")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "DOES NOT FIT (largest: optimizer state (Adam))" in out.stdout

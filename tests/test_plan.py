@@ -111,3 +111,19 @@ def test_a_job_that_cannot_fit_is_named_with_its_largest_item():
     out = cli("plan", str(config), "cluster.num_workers=1", "train.global_batch_size=8", "--gpu", "L4")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "DOES NOT FIT (largest: optimizer state (Adam))" in out.stdout
+
+
+def test_train_refuses_a_job_that_cannot_fit_before_anything_starts_and_says_what_would():
+    config = str(REPO / "configs" / "llama-8b-1x8gpu.yaml")
+    out = cli("train", config, "cluster.num_workers=1", "train.global_batch_size=8")
+    assert out.returncode == 2, out.stderr[-2000:]
+    message = out.stderr
+    assert "cluster.gpu: the job is predicted to need" in message and "a H100 has 80 GB" in message
+    assert "the largest item is optimizer state (Adam)" in message
+    assert "deepspeed.offload_optimizer=cpu" in message and "cluster.num_workers=4" in message
+    assert "--ignore-plan" in message
+    # What the message offers does fit.
+    from infinitune.launcher.job_config import check_plan_fits, load_job_config
+
+    for fix in ("deepspeed.offload_optimizer=cpu", "cluster.num_workers=4"):
+        check_plan_fits(load_job_config(config, ["cluster.num_workers=1", "train.global_batch_size=8", fix]))

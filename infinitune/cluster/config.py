@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from infinitune.trainer.plan import GPUS
 from infinitune.typed_config import require
 
 
@@ -32,6 +33,15 @@ class ClusterConfig:
 
     use_gpu: bool = False
     """Give each worker a GPU."""
+
+    gpu: str | None = None
+    """The GPU the workers run on (H100, H200, B200, A100-80GB, A100-40GB, L40S, L4, A10G, MI300X): `train` and
+    `submit` plan the job for it first (`infinitune plan`) and refuse one predicted not to fit in its memory,
+    saying what would fit. null: not checked (a CPU run, or a GPU not in the list)."""
+
+    interconnect_gbps: float = 400.0
+    """Each GPU's network bandwidth between nodes, in Gb/s, for the plan's estimate of the time ZeRO's
+    collectives take per step (400 for one 400G NIC per GPU; NVLink within a node is faster)."""
 
     cpus_per_worker: int = 1
     """CPUs reserved for each worker (its DataLoader workers run within them)."""
@@ -76,6 +86,8 @@ class ClusterConfig:
             "must not hold credentials; give them through the environment (AWS_ACCESS_KEY_ID, ...)",
         )
         require(self.object_store_memory_mb >= 78, "object_store_memory_mb", "Ray needs at least 78 MB")
+        require(self.gpu is None or self.gpu in GPUS, "gpu", f"one of {', '.join(GPUS)}, or null; got {self.gpu!r}")
+        require(self.interconnect_gbps > 0, "interconnect_gbps", f"must be positive; got {self.interconnect_gbps}")
 
     @property
     def worker_range(self) -> tuple[int, int]:

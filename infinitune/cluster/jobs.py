@@ -31,7 +31,16 @@ def submit(address: str, config_yaml: str, working_dir: str = ".") -> str:
     relative paths in the config are read from the working directory there."""
     entrypoint = " ".join(
         shlex.quote(x)
-        for x in ["python", "-m", "infinitune.launcher.cli", "train", f"env:{SUBMITTED_CONFIG}", "cluster.address=auto"]
+        # The plan was checked (or overridden) where the job was submitted.
+        for x in [
+            "python",
+            "-m",
+            "infinitune.launcher.cli",
+            "train",
+            "--ignore-plan",
+            f"env:{SUBMITTED_CONFIG}",
+            "cluster.address=auto",
+        ]
     )
     runtime_env: dict[str, Any] = {
         "working_dir": working_dir,

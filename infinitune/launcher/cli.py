@@ -147,10 +147,18 @@ def _run_locked(cfg, run_dir: Path, local: bool) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from infinitune.launcher.job_config import absolute_paths, check_against_model, load_job_config, run_location
+    from infinitune.launcher.job_config import (
+        absolute_paths,
+        check_against_model,
+        check_plan_fits,
+        load_job_config,
+        run_location,
+    )
 
     cfg = absolute_paths(load_job_config(args.config, args.overrides))
     check_against_model(cfg)
+    if not args.ignore_plan:
+        check_plan_fits(cfg)
     return _run(cfg, run_location(cfg)[0], args.local)
 
 
@@ -167,9 +175,17 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from infinitune.cluster import jobs
-    from infinitune.launcher.job_config import dump_job_config, load_job_config, run_location, save_job_config
+    from infinitune.launcher.job_config import (
+        check_plan_fits,
+        dump_job_config,
+        load_job_config,
+        run_location,
+        save_job_config,
+    )
 
     cfg = load_job_config(args.config, args.overrides)  # refuse a bad config before anything reaches the cluster
+    if not args.ignore_plan:
+        check_plan_fits(cfg)
     job_id = jobs.submit(args.address, dump_job_config(cfg))  # the resolved config, overrides applied
     print(job_id)
     print(
@@ -342,11 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune on Ray (embedded, or cluster.address) with DeepSpeed workers")
     _add_overrides(p)
     p.add_argument("--local", action="store_true", help="run the workers as plain local processes, without Ray")
+    p.add_argument("--ignore-plan", action="store_true", help="launch even if the plan says it will not fit")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("submit", help="submit the job to a Ray cluster as a Ray Job; prints its id")
     _add_overrides(p)
     p.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://HEAD:8265")
+    p.add_argument("--ignore-plan", action="store_true", help="submit even if the plan says it will not fit")
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("status", help="where a run directory or a submitted job stands")
@@ -427,9 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="what the job needs on each GPU and sends each step, before it is launched")
     _add_overrides(p)
-    p.add_argument("--gpu", choices=sorted(GPUS), default="H100", help="the GPU to plan for (its memory and peak)")
+    p.add_argument("--gpu", choices=sorted(GPUS), default=None, help="the GPU (default: cluster.gpu, else H100)")
     p.add_argument("--device-memory-gb", type=float, default=None, help="the GPU's memory, if not the table's")
-    p.add_argument("--interconnect-gbps", type=float, default=400.0, help="each GPU's network bandwidth, Gb/s")
+    p.add_argument("--interconnect-gbps", type=float, default=None, help="default: cluster.interconnect_gbps")
     p.add_argument("--json", action="store_true", help="machine-readable")
     p.set_defaults(func=cmd_plan)
     return parser

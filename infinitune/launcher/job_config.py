@@ -203,6 +203,11 @@ def model_max_positions(model: ModelConfig) -> int | None:
     except ConfigError:
         raise
     except Exception as e:  # a damaged config.json or GGUF header, an unreachable hub
+        from infinitune.trainer.plan import known_config
+
+        known = known_config(model.path)
+        if known is not None:  # a common model, whose architecture is shipped
+            return known["max_position_embeddings"]
         raise ConfigError(
             "model.path",
             f"cannot read the model's context length from {model.path} ({type(e).__name__}: {e}); fix the path, or "
@@ -256,12 +261,16 @@ def model_config(model: ModelConfig) -> dict[str, Any]:
 
 
 def job_plan(
-    cfg: JobConfig, gpu: str = "H100", device_memory_gb: float | None = None, interconnect_gbps: float = 400.0
+    cfg: JobConfig,
+    gpu: str | None = None,
+    device_memory_gb: float | None = None,
+    interconnect_gbps: float | None = None,
 ):
-    """What the job needs per GPU and sends per step (trainer/plan.py), at the largest world size it may run on."""
+    """What the job needs per GPU and sends per step (trainer/plan.py), on the fewest workers it may run on (the
+    most per GPU), for `gpu` (default: cluster.gpu, else H100)."""
     from infinitune.trainer.plan import ModelShape, make_plan
 
-    world = cfg.cluster.worker_range[1]
+    world = cfg.cluster.worker_range[0]
     adapter = cfg.model.adapter
     return make_plan(
         ModelShape.from_config(model_config(cfg.model)),
@@ -277,10 +286,52 @@ def job_plan(
         loss_chunk_tokens=cfg.model.loss_chunk_tokens,
         lora_r=adapter.r if adapter is not None and adapter.method == "lora" else None,
         persistence_threshold=cfg.deepspeed.param_persistence_threshold,
-        gpu=gpu,
+        gpu=gpu or cfg.cluster.gpu or "H100",
         device_memory_gb=device_memory_gb,
-        interconnect_gbps=interconnect_gbps,
+        interconnect_gbps=interconnect_gbps or cfg.cluster.interconnect_gbps,
         model_name=cfg.model.path,
+    )
+
+
+# Settings that lower what a GPU holds, tried one at a time when a job does not fit: (override, why).
+_REMEDIES = [
+    ("deepspeed.zero_stage=3", "partitions the weights too"),
+    ("model.gradient_checkpointing=true", "keeps only each layer's input"),
+    ("model.loss_chunk_tokens=2048", "the output layer and loss in pieces"),
+    ("deepspeed.offload_optimizer=cpu", "Adam's state and master weights in host memory"),
+]
+
+
+def check_plan_fits(cfg: JobConfig) -> None:
+    """Refuse a job predicted not to fit on cluster.gpu, naming its largest item and what would fit."""
+    if cfg.cluster.gpu is None:
+        return
+    plan = job_plan(cfg)
+    if plan.fits:
+        return
+    candidates = list(_REMEDIES)
+    if cfg.train.micro_batch_size > 1:
+        candidates.append((f"train.micro_batch_size={cfg.train.micro_batch_size // 2}", "half the activations"))
+    low, high = cfg.cluster.worker_range
+    for more in (2 * low, 4 * low):
+        if cfg.train.global_batch_size % (more * cfg.train.micro_batch_size) == 0:
+            workers = f"[{more},{max(more, high)}]" if cfg.cluster.elastic else str(more)
+            candidates.append((f"cluster.num_workers={workers}", "more GPUs to partition over"))
+    fixes = []
+    for override, why in candidates:
+        try:
+            tried = job_plan(from_dict(JobConfig, apply_overrides(cfg.to_dict(), [override])))
+        except ConfigError:  # not a valid combination with the rest of the config
+            continue
+        if tried.fits:
+            fixes.append(f"{override} ({why}: {tried.total() / 1e9:.1f} GB)")
+    largest = plan.largest
+    raise ConfigError(
+        "cluster.gpu",
+        f"the job is predicted to need {plan.total() / 1e9:.1f} GB per GPU and a {cfg.cluster.gpu} has "
+        f"{plan.device_memory_gb:.0f} GB; the largest item is {largest.name} ({largest.bytes / 1e9:.1f} GB). "
+        + ("It would fit with any one of: " + "; ".join(fixes) + ". " if fixes else "")
+        + "See `infinitune plan CONFIG`; --ignore-plan launches it anyway.",
     )
 
 

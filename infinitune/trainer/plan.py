@@ -103,72 +103,22 @@ class ModelShape:
 
 # config.json values of common models (public architecture numbers, no weights), for planning without the hub.
 KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
-    "meta-llama/Llama-3.2-1B": dict(
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        head_dim=64,
-        tie_word_embeddings=True,
-        model_type="llama",
-    ),
-    "meta-llama/Llama-3.2-3B": dict(
-        hidden_size=3072,
-        intermediate_size=8192,
-        num_hidden_layers=28,
-        num_attention_heads=24,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        head_dim=128,
-        tie_word_embeddings=True,
-        model_type="llama",
-    ),
-    "meta-llama/Llama-3.1-8B": dict(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        head_dim=128,
-        tie_word_embeddings=False,
-        model_type="llama",
-    ),
-    "meta-llama/Llama-3.1-70B": dict(
-        hidden_size=8192,
-        intermediate_size=28672,
-        num_hidden_layers=80,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        head_dim=128,
-        tie_word_embeddings=False,
-        model_type="llama",
-    ),
-    "Qwen/Qwen2.5-7B": dict(
-        hidden_size=3584,
-        intermediate_size=18944,
-        num_hidden_layers=28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        vocab_size=152064,
-        tie_word_embeddings=False,
-        model_type="qwen2",
-    ),
-    "mistralai/Mistral-7B-v0.3": dict(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=32768,
-        head_dim=128,
-        tie_word_embeddings=False,
-        model_type="mistral",
-    ),
-}
+    name: dict(
+        zip(
+            ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+             "vocab_size", "head_dim", "tie_word_embeddings", "model_type", "max_position_embeddings"),
+            values,
+        )
+    )
+    for name, values in {
+        "meta-llama/Llama-3.2-1B": (2048, 8192, 16, 32, 8, 128256, 64, True, "llama", 131072),
+        "meta-llama/Llama-3.2-3B": (3072, 8192, 28, 24, 8, 128256, 128, True, "llama", 131072),
+        "meta-llama/Llama-3.1-8B": (4096, 14336, 32, 32, 8, 128256, 128, False, "llama", 131072),
+        "meta-llama/Llama-3.1-70B": (8192, 28672, 80, 64, 8, 128256, 128, False, "llama", 131072),
+        "Qwen/Qwen2.5-7B": (3584, 18944, 28, 28, 4, 152064, 128, False, "qwen2", 32768),
+        "mistralai/Mistral-7B-v0.3": (4096, 14336, 32, 32, 8, 32768, 128, False, "mistral", 32768),
+    }.items()
+}  # fmt: skip
 
 
 def known_config(name: str) -> dict[str, Any] | None:

@@ -46,7 +46,7 @@ def test_smollm2_zero3_train_resize_export_generate(tmp_path):
         "train": {
             "global_batch_size": 2,
             "micro_batch_size": 1,
-            "max_steps": 4,
+            "max_steps": 3,
             "lr": 2e-5,
             "warmup_steps": 1,
             "eval_every": 0,
@@ -61,7 +61,7 @@ def test_smollm2_zero3_train_resize_export_generate(tmp_path):
     cli("train", str(config))
     run_dir = tmp_path / "runs" / "smol"
     losses = step_losses(run_dir)
-    assert sorted(losses) == [1, 2, 3, 4] and all(0.5 < loss < 4 for loss in losses.values())  # ~1.6-1.9 here
+    assert sorted(losses) == [1, 2, 3] and all(0.5 < loss < 4 for loss in losses.values())  # ~1.6-1.9 here
 
     # Step 2's checkpoint, written by 2 workers, continued on 1 (ZeRO-3's partitions re-cut through DeepSpeed's
     # universal checkpoint; a plain local worker, the trainer's part being the same under Ray): the same losses
@@ -70,7 +70,7 @@ def test_smollm2_zero3_train_resize_export_generate(tmp_path):
     cli("train", "--local", str(config), "name=smol-one", "cluster.num_workers=1", f"checkpoint.resume={step2}")
     assert (step2 / "universal").is_dir()
     continued = step_losses(tmp_path / "runs" / "smol-one")
-    assert sorted(continued) == [3, 4]
+    assert sorted(continued) == [3]
     assert max(abs(continued[s] - losses[s]) for s in continued) <= 1e-4, (continued, losses)
     cli("export", str(run_dir), "--out", str(tmp_path / "export"))
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "export")

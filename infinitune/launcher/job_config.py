@@ -241,14 +241,15 @@ def _read_max_positions(model: ModelConfig) -> int | None:
 
 def model_config(model: ModelConfig) -> dict[str, Any]:
     """The model's config (config.json, a GGUF header, or a hub id's config): no weights are read."""
-    from transformers import AutoConfig
-
     from infinitune.data_pipeline.tokenizer import resolve_model_source
 
     try:
         source, gguf = resolve_model_source(model.path, model.gguf_file)
-        kwargs = {"gguf_file": gguf} if gguf else {}
-        return AutoConfig.from_pretrained(source, trust_remote_code=model.trust_remote_code, **kwargs).to_dict()
+        if gguf:
+            return _gguf_config(os.path.join(source, gguf))
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(source, trust_remote_code=model.trust_remote_code).to_dict()
     except Exception as e:  # a missing or damaged config.json, an unreachable hub
         from infinitune.trainer.plan import known_config
 
@@ -258,6 +259,32 @@ def model_config(model: ModelConfig) -> dict[str, Any]:
         raise ConfigError(
             "model.path", f"cannot read the model's config from {model.path} ({type(e).__name__}: {e})"
         ) from None
+
+
+def _gguf_config(path: str) -> dict[str, Any]:
+    """The config.json keys a plan needs, from a GGUF file's header (transformers' own GGUF loading reads the
+    tensors too)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+
+    def value(key: str):
+        field_ = reader.fields.get(f"{arch}.{key}")
+        return int(field_.parts[-1][0]) if field_ is not None else None
+
+    return {
+        "model_type": arch,
+        "hidden_size": value("embedding_length"),
+        "intermediate_size": value("feed_forward_length"),
+        "num_hidden_layers": value("block_count"),
+        "num_attention_heads": value("attention.head_count"),
+        "num_key_value_heads": value("attention.head_count_kv"),
+        "vocab_size": value("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data),
+        "max_position_embeddings": value("context_length"),
+        "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
+        "attention_bias": any(t.name.endswith("attn_q.bias") for t in reader.tensors),
+    }
 
 
 def job_plan(

@@ -31,6 +31,7 @@ GPUS: dict[str, tuple[float, float]] = {
 }
 DEEPSPEED_PREFETCH_BUCKET = 50_000_000  # stage3_prefetch_bucket_size's default, in elements
 DEEPSPEED_STAGE12_BUCKET = 500_000_000  # reduce_bucket_size / allgather_bucket_size defaults at stages 1-2
+CHECKPOINT_SHARD_BYTES = 5e9  # transformers' default max_shard_size
 # What a process holds besides the model: the CUDA context, kernels, the allocator's fragmentation.
 RUNTIME_RESERVE_GB = 2.0
 
@@ -242,7 +243,7 @@ def make_plan(
     else:
         grads, how = p * trained + (4 * trained if half else 0), "whole" + (", + fp32 copies" if half else "")
     items.append(Item("gradients", grads, "device", how))
-    if half:
+    if half or zero_stage >= 1:  # ZeRO 1-3 keep an fp32 copy of their partition even when training in fp32
         items.append(
             Item("master weights (fp32)", 4 * trained / split_states, opt_where, f"4 B x trained / {split_states}")
         )
@@ -258,6 +259,9 @@ def make_plan(
         acts = shape.layers * per_layer
         how = f"{shape.layers} layers x b s (7h + 3kv + 3i) x {p} B"
     items.append(Item("activations", acts, "device", how))
+    # transformers reads the weights a checkpoint file at a time on every rank (shards of at most 5 GB).
+    loading = min(p * shape.params, CHECKPOINT_SHARD_BYTES)
+    items.append(Item("loading the weights", loading, "host", "one checkpoint file at a time, on every rank"))
     positions = loss_chunk_tokens or micro_batch * seq_len
     items.append(
         Item(

@@ -165,3 +165,15 @@ def test_the_plan_accounts_for_a_zero3_runs_host_memory_on_this_cpu(tmp_path, ti
     predicted = peaks["tiny"] - plans["tiny"] + plans["medium"]
     assert plans["medium"] > 0.4 * peaks["medium"]  # the model's part is no small share of what is measured
     assert abs(predicted - peaks["medium"]) <= 0.25 * peaks["medium"], (predicted / 1e9, peaks["medium"] / 1e9)
+
+
+def test_only_gpu_jobs_that_name_their_gpu_are_checked():
+    from infinitune.launcher.job_config import check_plan_fits, load_job_config
+    from infinitune.typed_config import ConfigError
+
+    config = str(REPO / "configs" / "llama-8b-1x8gpu.yaml")
+    too_big = ["cluster.num_workers=1", "train.global_batch_size=8"]
+    with pytest.raises(ConfigError, match="cluster.gpu"):
+        check_plan_fits(load_job_config(config, too_big))
+    check_plan_fits(load_job_config(config, [*too_big, "cluster.gpu=null"]))  # no GPU named: not checked
+    check_plan_fits(load_job_config(config, [*too_big, "cluster.use_gpu=false"]))  # a CPU job

@@ -18,6 +18,7 @@ import io
 import logging
 import os
 import tarfile
+import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -35,6 +36,7 @@ from infinitune.data_pipeline.shards import (
     join_url,
     open_url,
     read_manifest,
+    verify_shard,
 )
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,7 @@ INDEX_SUFFIX = ".idx.npy"
 INDEX_DTYPE = np.dtype([("start", "<i8"), ("end", "<i8"), ("digest", "V16")])
 # Bytes this process has read from shards and from indexes (benchmarks and tests count them).
 READ = Counter()
-_indexes: dict[str, np.ndarray] = {}  # this process's loaded indexes, by shard URL
+_indexes: dict[tuple[str, str], np.ndarray] = {}  # this process's loaded indexes, by shard URL and index sha256
 _warned: set[str] = set()
 
 
@@ -92,6 +94,7 @@ def index_dataset(shards_dir: str) -> int:
     for split in manifest.splits.values():
         for k, info in enumerate(split.shards):
             if not info.index_sha256:
+                verify_shard(shards_dir, info, "sha256")  # digests of a damaged shard would vouch for it
                 split.shards[k] = write_index(str(base / info.name), info)
                 done += 1
     tmp = base / (MANIFEST + ".partial")
@@ -113,8 +116,8 @@ def load_index(base: str, info: ShardInfo) -> np.ndarray | None:
                 base,
             )
         return None
-    if url in _indexes:
-        return _indexes[url]
+    if (url, info.index_sha256) in _indexes:
+        return _indexes[url, info.index_sha256]
     try:
         with open_url(url + INDEX_SUFFIX) as f:
             data = f.read()
@@ -130,7 +133,7 @@ def load_index(base: str, info: ShardInfo) -> np.ndarray | None:
         raise DataError(f"{url}{INDEX_SUFFIX}: not an index of {info.samples} samples; re-run prepare")
     if len(_indexes) > 256:
         _indexes.clear()
-    _indexes[url] = index
+    _indexes[url, info.index_sha256] = index
     return index
 
 
@@ -174,7 +177,7 @@ def _decode(url: str, i: int, piece: bytes) -> dict[str, np.ndarray]:
                     raise DataError(f"{url}: sample {i} has key {key!r}; not a shard prepare wrote")
                 data = tar.extractfile(member).read()
                 arrays[field.removesuffix(".npy")] = np.load(io.BytesIO(data), allow_pickle=False)
-    except (tarfile.TarError, ValueError) as e:
+    except (tarfile.TarError, ValueError, EOFError) as e:
         raise DataError(f"{url}: sample {i} is malformed ({e}); re-run infinitune prepare") from None
     if set(arrays) != set(FIELDS):
         raise DataError(f"{url}: sample {i} holds {sorted(arrays)}, not {list(FIELDS)}; re-run infinitune prepare")
@@ -200,6 +203,10 @@ def _read_ranges(url: str, ranges: list[tuple[int, int]]) -> list[bytes]:
             blobs = fs.cat_ranges([path] * len(ranges), [s for s, _ in ranges], [e for _, e in ranges])
     except FileNotFoundError:
         raise DataError(f"{url}: shard listed in the manifest is missing; restore it or re-run prepare") from None
+    except urllib.error.HTTPError as e:  # 404 and 410 stay so; a server error may pass
+        gone = e.code in (404, 410)
+        what = "is missing; restore it or re-run prepare" if gone else f"could not be read (HTTP {e.code})"
+        raise DataError(f"{url}: shard listed in the manifest {what}", transient=not gone) from None
     except OSError as e:  # the storage, not the shard: a restart may read it
         raise DataError(f"{url}: cannot read the shard ({type(e).__name__}: {e})", transient=True) from None
     for (start, end), blob in zip(ranges, blobs):

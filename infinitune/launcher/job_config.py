@@ -280,6 +280,7 @@ def _gguf_config(path: str) -> dict[str, Any]:
         "num_hidden_layers": value("block_count"),
         "num_attention_heads": value("attention.head_count"),
         "num_key_value_heads": value("attention.head_count_kv"),
+        "head_dim": value("attention.key_length"),  # where it is not hidden / heads (Qwen3, Gemma)
         "vocab_size": value("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data),
         "max_position_embeddings": value("context_length"),
         "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
@@ -292,15 +293,16 @@ def job_plan(
     gpu: str | None = None,
     device_memory_gb: float | None = None,
     interconnect_gbps: float | None = None,
+    shape=None,
 ):
     """What the job needs per GPU and sends per step (trainer/plan.py), on the fewest workers it may run on (the
-    most per GPU), for `gpu` (default: cluster.gpu, else H100)."""
+    most per GPU), for `gpu` (default: cluster.gpu, else H100); `shape` saves reading the model's config again."""
     from infinitune.trainer.plan import ModelShape, make_plan
 
     world = cfg.cluster.worker_range[0]
     adapter = cfg.model.adapter
     return make_plan(
-        ModelShape.from_config(model_config(cfg.model)),
+        shape or ModelShape.from_config(model_config(cfg.model)),
         world=world,
         zero_stage=cfg.deepspeed.zero_stage,
         precision=cfg.deepspeed.precision,
@@ -330,10 +332,14 @@ _REMEDIES = [
 
 
 def check_plan_fits(cfg: JobConfig) -> None:
-    """Refuse a job predicted not to fit on cluster.gpu, naming its largest item and what would fit."""
-    if cfg.cluster.gpu is None:
+    """Refuse a job predicted not to fit on cluster.gpu, naming its largest item and what would fit (GPU jobs
+    that name their GPU only)."""
+    if cfg.cluster.gpu is None or not cfg.cluster.use_gpu:
         return
-    plan = job_plan(cfg)
+    from infinitune.trainer.plan import ModelShape
+
+    shape = ModelShape.from_config(model_config(cfg.model))
+    plan = job_plan(cfg, shape=shape)
     if plan.fits:
         return
     candidates = list(_REMEDIES)
@@ -347,7 +353,7 @@ def check_plan_fits(cfg: JobConfig) -> None:
     fixes = []
     for override, why in candidates:
         try:
-            tried = job_plan(from_dict(JobConfig, apply_overrides(cfg.to_dict(), [override])))
+            tried = job_plan(from_dict(JobConfig, apply_overrides(cfg.to_dict(), [override])), shape=shape)
         except ConfigError:  # not a valid combination with the rest of the config
             continue
         if tried.fits:

@@ -251,13 +251,13 @@ def make_plan(
         Item("optimizer state (Adam)", 8 * trained / split_states, opt_where, f"8 B x trained / {split_states}")
     )
 
-    per_layer = p * seq_len * micro_batch * (7 * shape.hidden + 3 * shape.kv_dim + 3 * shape.intermediate)
+    per_layer = p * seq_len * micro_batch * (6 * shape.hidden + 2 * shape.kv_dim + 3 * shape.intermediate)
     if gradient_checkpointing:
         acts = shape.layers * p * seq_len * micro_batch * shape.hidden + per_layer
         how = "each layer's input, + one layer recomputed"
     else:
         acts = shape.layers * per_layer
-        how = f"{shape.layers} layers x b s (7h + 3kv + 3i) x {p} B"
+        how = f"{shape.layers} layers x b s (6h + 2kv + 3i) x {p} B"
     items.append(Item("activations", acts, "device", how))
     # transformers reads the weights a checkpoint file at a time on every rank (shards of at most 5 GB).
     loading = min(p * shape.params, CHECKPOINT_SHARD_BYTES)

@@ -220,12 +220,7 @@ def _read_max_positions(model: ModelConfig) -> int | None:
 
     source, gguf = resolve_model_source(model.path, model.gguf_file)
     if gguf:
-        from gguf import GGUFReader
-
-        reader = GGUFReader(os.path.join(source, gguf))
-        arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
-        field_ = reader.fields.get(f"{arch}.context_length")
-        return int(field_.parts[-1][0]) if field_ is not None else None
+        return _gguf_config(os.path.join(source, gguf))["max_position_embeddings"]
     if Path(source).is_dir():
         config_file = Path(source) / "config.json"
         if not config_file.is_file():

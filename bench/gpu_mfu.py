@@ -76,7 +76,7 @@ def one_stage(args) -> dict:
     from infinitune.trainer.checkpoint import Checkpointer
     from infinitune.trainer.config import CheckpointConfig, DeepSpeedConfig, TrainConfig
     from infinitune.trainer.ds_config import deepspeed_config
-    from infinitune.trainer.loop import train_step
+    from infinitune.trainer.loop import StepSums, train_step
     from infinitune.trainer.metrics import FlopCounter, device_peak_tflops
     from infinitune.trainer.model import TokenLossModel, compile_layers, size_zero3_buckets
 
@@ -122,8 +122,18 @@ def one_stage(args) -> dict:
         for _ in range(4)
     ]
     device = distributed.device()
+
+    def step(micro):
+        sums = StepSums(micro)
+        if args.host_sync:  # as the loop did before: the trained-token count through the device, read back
+            distributed.all_reduce(sums.trained).item()
+        loss_sum = train_step(engine, micro, sums, 1, device)
+        if args.host_sync:
+            loss_sum.item()
+        return loss_sum / sums.trained
+
     for i in range(args.warmup):
-        train_step(engine, batches[i % 4], 1, device)
+        step(batches[i % 4])
     if gpu:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -132,18 +142,18 @@ def one_stage(args) -> dict:
     losses = []
     for i in range(args.steps):
         micro = batches[i % 4]
-        loss_sum, trained = train_step(engine, micro, 1, device)
-        losses.append(loss_sum / trained)
+        losses.append(step(micro))  # on the device: read after the timed steps
         total_flops += sum(flops.step_flops(mb["position_ids"]) for mb in micro)
         tokens += sum(mb["input_ids"].numel() for mb in micro)
     if gpu:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
+    losses = [float(x) for x in losses]
     if args.profile and gpu:  # where a step's GPU time goes, by operator
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            train_step(engine, batches[0], 1, device)
+            step(batches[0])
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
     result = {
@@ -155,6 +165,7 @@ def one_stage(args) -> dict:
         "accumulation": args.accumulation,
         "attention": args.attn,
         "compiled_layers": args.compile,
+        "host_sync": args.host_sync,
         "loss_chunk_tokens": args.loss_chunk,
         "steps_timed": args.steps,
         "step_s": elapsed / args.steps,
@@ -197,6 +208,7 @@ def main() -> None:
     ap.add_argument("--attn", default="sdpa")
     ap.add_argument("--tiny", action="store_true", help="a tiny model (smoke test on a CPU)")
     ap.add_argument("--profile", action="store_true", help="print a GPU profile of one step")
+    ap.add_argument("--host-sync", action="store_true", help="read the step's numbers back each step, as before #14")
     ap.add_argument("--compile", action="store_true", help="model.compile_layers: each decoder layer, and the loss")
     ap.add_argument("--save-dir", default=None, help="also time one checkpoint save per stage into this directory")
     ap.add_argument("--loss-chunk", type=int, default=0, help="model.loss_chunk_tokens (0: logits at once)")

@@ -41,4 +41,6 @@ run zero0_flex_compiled_micro16 150 --stages 0 --attn flex_attention --compile -
 # The same at micro-batch 8 with a background save, against the table's synchronous 38 s.
 run zero0_flex_compiled_async 130 --stages 0 --attn flex_attention --compile --save-dir /tmp/infinitune_ck \
     --async-save
+# The first setting as the loop stepped before #14: the step's numbers read back through the device each step.
+run zero3_flex_compiled_host_sync 120 --stages 3 --attn flex_attention --compile --host-sync
 echo "results in $OUT"

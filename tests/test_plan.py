@@ -173,7 +173,7 @@ def test_only_gpu_jobs_that_name_their_gpu_are_checked():
 
     config = str(REPO / "configs" / "llama-8b-1x8gpu.yaml")
     too_big = ["cluster.num_workers=1", "train.global_batch_size=8"]
-    with pytest.raises(ConfigError, match="cluster.gpu"):
+    with pytest.raises(ConfigError, match=r"cluster\.gpu"):
         check_plan_fits(load_job_config(config, too_big))
     check_plan_fits(load_job_config(config, [*too_big, "cluster.gpu=null"]))  # no GPU named: not checked
     check_plan_fits(load_job_config(config, [*too_big, "cluster.use_gpu=false"]))  # a CPU job

@@ -233,3 +233,111 @@ def test_ctrl_c_on_the_launcher_saves_and_stops_every_worker(setup, runs):
     assert "infinitune resume" in out
     (checkpoint,) = (run_dir_of(config) / "checkpoints").glob("step_*")
     assert checkpoint_problem(checkpoint, "sha256") is None
+
+
+# Loaded by every worker (PYTHONPATH): records each torch.distributed collective and each read of a tensor's
+# value into a Python number (a device sync on a GPU), with the loop's step and whether the project's code made
+# it, one JSON line per event. Host-side values are read with `.numpy()`, which a device tensor refuses, so
+# they cannot hide a device sync and are not counted.
+SYNC_RECORDER = r"""
+import json, os, sys
+import torch
+import torch.distributed as dist
+
+_OUT = open(os.path.join(os.environ["SYNC_RECORD_DIR"], f"rank{os.environ.get('RANK', '0')}.jsonl"), "a", buffering=1)
+_PASS_THROUGH = (os.sep + "torch" + os.sep, os.sep + "deepspeed" + os.sep + "comm" + os.sep)
+
+
+def _record(kind, name):
+    frame = sys._getframe(2)
+    while frame is not None and any(p in frame.f_code.co_filename for p in _PASS_THROUGH):
+        frame = frame.f_back
+    caller = frame.f_code.co_filename if frame is not None else ""
+    step, completing, f = None, False, frame
+    while f is not None:
+        if f.f_code.co_name == "_complete" and f.f_code.co_filename.endswith("checkpoint.py"):
+            completing = True
+        if f.f_code.co_name == "_run" and f.f_code.co_filename.endswith(os.path.join("trainer", "loop.py")):
+            step = f.f_locals["state"].step
+            break
+        f = f.f_back
+    ours = os.sep + "infinitune" + os.sep in caller and os.sep + "data_pipeline" + os.sep not in caller
+    where = f"{os.path.basename(caller)}:{frame.f_lineno}" if frame is not None else "?"
+    _OUT.write(json.dumps({"kind": kind, "name": name, "step": step, "ours": ours, "where": where,
+                           "completing": completing}) + "\n")
+
+
+def _wrap(owner, name, kind):
+    real = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        _record(kind, name)
+        return real(*args, **kwargs)
+
+    setattr(owner, name, wrapper)
+
+
+for _name in ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
+              "broadcast_object_list", "reduce", "reduce_scatter", "reduce_scatter_tensor", "all_to_all",
+              "all_to_all_single", "gather", "scatter", "barrier"):
+    _wrap(dist, _name, "collective")
+for _name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "cpu"):
+    _wrap(torch.Tensor, _name, "sync")
+"""
+
+
+def test_a_step_that_does_not_log_waits_on_the_device_for_nothing(setup, runs, reference, tmp_path):
+    """Between log, eval and save steps the loop's own code makes one collective per step (over the host's
+    process group) and reads no tensor's value: the losses and token counts stay those of the reference run,
+    which logged every step."""
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(SYNC_RECORDER)
+    (tmp_path / "events").mkdir()
+    config = job_config(
+        setup,
+        runs,
+        "no_syncs",
+        train={"eval_every": 0},
+        checkpoint={"every_steps": 8, "async_save": True},
+        logging={"tensorboard": True, "log_every": 4},
+    )
+    env = {
+        "PYTHONPATH": str(tmp_path / "hook"),
+        "SYNC_RECORD_DIR": str(tmp_path / "events"),
+        # Rank 1 writes the step-8 background checkpoint slowly: the steps after it run while it writes.
+        "INFINITUNE_FAULT": "rank1:before_write:8:slow",
+        "INFINITUNE_FAULT_SLOW_S": "2",
+    }
+    assert run(config, env=env) == 0, logs(config)
+
+    host_steps = {4, 8, 12}  # logged; saved (8 in the background, 12 the last)
+    for rank in (0, 1):
+        events = [json.loads(line) for line in (tmp_path / "events" / f"rank{rank}.jsonl").read_text().splitlines()]
+        assert any(e["kind"] == "collective" and not e["ours"] for e in events), "DeepSpeed's collectives unseen"
+        # Events are labelled with the loop's step counter, which the step increments after its backward: label
+        # j holds the end of step j and the start of step j + 1.
+        completing = {e["step"] for e in events if e["completing"]}  # where a save was completed
+        per_label: dict[int, list] = {}
+        for e in events:
+            if e["ours"] and e["step"] is not None:
+                per_label.setdefault(e["step"], []).append(e)
+        assert any(e["kind"] == "sync" for e in per_label[4]), "the log step's read of the loss was not seen"
+        plain = [j for j in range(1, 12) if not ({j, j + 1} & host_steps or j in completing)]
+        assert len(plain) >= 4, plain
+        for j in plain:
+            kinds = [(e["kind"], e["name"], e["where"]) for e in per_label.get(j, [])]
+            assert len([k for k in kinds if k[0] == "collective"]) == 1, (rank, j, kinds)
+            assert not [k for k in kinds if k[0] == "sync"], (rank, j, kinds)
+
+    got, want = step_losses(config), step_losses(reference)
+    assert sorted(got) == [4, 8, 12]
+    for step in got:
+        assert got[step] == pytest.approx(want[step], abs=1e-9), step
+    rows = [json.loads(line) for line in (run_dir_of(config) / "metrics.jsonl").read_text().splitlines()]
+    ref_rows = map(json.loads, (run_dir_of(reference) / "metrics.jsonl").read_text().splitlines())
+    ref = {r["step"]: r for r in ref_rows if "train/trained_tokens" in r}
+    for row in rows:
+        if "train/trained_tokens" in row:
+            assert row["train/trained_tokens"] == ref[row["step"]]["train/trained_tokens"]
+            assert row["train/grad_norm"] == pytest.approx(ref[row["step"]]["train/grad_norm"], abs=1e-9)
+    assert any(row.get("perf/checkpoint_write_s", 0) >= 2 for row in rows)  # the slow save was completed

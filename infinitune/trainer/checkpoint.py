@@ -188,6 +188,14 @@ class Checkpointer:
             )
         return snapshots.pending
 
+    def pending(self) -> bool:
+        """Whether a background save awaits `wait()` (the same on every rank: saves are collective)."""
+        return self._pending is not None
+
+    def writing(self) -> bool:
+        """Whether this rank's writer of a background save is still busy (not a collective)."""
+        return self._pending is not None and not self._pending.done
+
     def wait(self, block: bool = True) -> Completed | None:
         """Complete the background save once every rank has written its files (at a step boundary): the
         marker, `latest`, pruning. Returns what completed now, else None; with `block` False it returns at

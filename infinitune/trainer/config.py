@@ -281,14 +281,15 @@ class LoggingConfig:
     """Write TensorBoard event files under the run directory (rank 0)."""
 
     log_every: int = 1
-    """Write step metrics every this many steps."""
+    """Write step metrics every this many steps. Only logging, eval and save steps wait for the device (to read
+    the loss back); on GPUs 10 or more keeps its queue full. Throughput is over the steps since the last log."""
 
     peak_tflops: float | None = None
     """The device's peak TFLOP/s for MFU, when it is not in the table of known accelerators."""
 
     log_samples: bool = False
     """Write the ids of every step's samples (all ranks, in global order) to RUN_DIR/samples.jsonl, to audit
-    that each sample is trained on once per epoch."""
+    that each sample is trained on once per epoch (one more collective per step: for audits, not speed)."""
 
     save_logits_probe: bool = False
     """At the end, save the model's logits on the first validation micro-batch to RUN_DIR/logits_probe.pt, to

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -33,7 +34,17 @@ def init_distributed() -> tuple[int, int]:
     # Also when the launcher (Ray Train) already made the process group: DeepSpeed's own communication
     # layer wraps it, and without it DeepSpeed sees a world of one.
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu() else "gloo")
+    global _HOST_GROUP
+    if dist.get_backend() == "gloo" or dist.get_world_size() == 1:
+        _HOST_GROUP = None
+    elif _HOST_GROUP is None or _HOST_GROUP[0] is not dist.group.WORLD:
+        _HOST_GROUP = (dist.group.WORLD, dist.new_group(backend="gloo"))  # collective: every rank, here
     return dist.get_rank(), dist.get_world_size()
+
+
+# (the default group, a gloo group beside it) when the default is not gloo (NCCL): numbers that live on the
+# host are reduced over gloo, never through the device.
+_HOST_GROUP = None
 
 
 def device() -> torch.device:
@@ -46,6 +57,25 @@ def all_reduce(value: float | int | torch.Tensor, op: str = "sum") -> torch.Tens
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
     return t
+
+
+class HostSum:
+    """Numbers this rank knows on the host, summed over all ranks over gloo without touching the device: the
+    collective starts at construction and `result()` waits for it, so work issued in between (a forward)
+    overlaps it and the device's queue is never drained for it."""
+
+    def __init__(self, values: Sequence[float]):
+        self._tensor = torch.tensor(values, dtype=torch.float64)
+        self._work = None
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            group = _HOST_GROUP[1] if _HOST_GROUP is not None else None
+            self._work = dist.all_reduce(self._tensor, group=group, async_op=True)
+
+    def result(self) -> list[float]:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        return self._tensor.numpy().tolist()  # numpy refuses a device tensor: this cannot hide a device sync
 
 
 def barrier() -> None:

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from infinitune.data_pipeline.config import DataConfig
@@ -106,24 +107,37 @@ def _run(w: Workspace, spec: TrainerSpec, ctx: RunContext) -> int:
     engine, state, cfg = w.engine, w.state, spec.train
     batches = iter(w.train_loader)
     step_loss = math.nan
+    window = PerfWindow()
     log.info("training from step %d to %d on %d workers", state.step, cfg.max_steps, w.world)
     while state.step < cfg.max_steps:
         t0 = time.perf_counter()
         micro = [next(batches) for _ in range(w.layout.accumulation)]
         data_wait = time.perf_counter() - t0
         lr = engine.get_lr()[0]
-        loss_sum, trained = train_step(w.engine, micro, w.world, w.device, w.adalora, state.step + 1)
+        sums = StepSums(
+            micro,
+            w.flops,
+            preempt=w.preemption.known(ctx.preemption_requested()),
+            writing=w.checkpointer.writing(),
+        )
+        loss_sum = train_step(w.engine, micro, sums, w.world, w.device, w.adalora, state.step + 1)
         state.step += 1
-        step_loss = float(loss_sum / max(trained, 1))
-        step_time = time.perf_counter() - t0
-        tokens = int(distributed.all_reduce(sum(mb["input_ids"].numel() for mb in micro)).item())
-        flops = float(distributed.all_reduce(sum(w.flops.step_flops(mb["position_ids"]) for mb in micro)).item())
-        state.tokens_seen += tokens
-        state.trained_tokens_seen += trained
-        if not math.isfinite(step_loss):
-            raise FloatingPointError(f"step {state.step}: loss is {step_loss}; lower train.lr or check the data")
+        state.tokens_seen += sums.tokens
+        state.trained_tokens_seen += sums.trained
+        # What each rank knew when the step began: a signal that arrives during a step stops the next one.
+        preempted = w.preemption.agree(sums.preempt)
+        last = state.step == cfg.max_steps
+        log_due = state.step % spec.logging.log_every == 0 or last
+        eval_due = bool(cfg.eval_every) and (state.step % cfg.eval_every == 0 or last)
+        every = spec.checkpoint.every_steps
+        save_due = preempted or last or bool(every and state.step % every == 0)
+        if log_due or eval_due or save_due:  # the only steps that wait on the device
+            step_loss = float(distributed.all_reduce(loss_sum).item()) / max(sums.trained, 1)
+            if not math.isfinite(step_loss):
+                raise FloatingPointError(f"step {state.step}: loss is {step_loss}; lower train.lr or check the data")
+        window.add(time.perf_counter() - t0, data_wait, sums)
 
-        if state.step % spec.logging.log_every == 0 or state.step == cfg.max_steps:
+        if log_due:
             allocated, peak = device_memory_gb()
             fds, threads = process_counts()
             metrics = {
@@ -132,11 +146,7 @@ def _run(w: Workspace, spec: TrainerSpec, ctx: RunContext) -> int:
                 "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
                 "train/epoch": w.train_loader.epoch,
                 "train/trained_tokens": state.trained_tokens_seen,
-                "perf/tokens_per_s": tokens / step_time,
-                "perf/trained_tokens_per_s": trained / step_time,
-                "perf/mfu": flops / step_time / (w.peak_tflops * 1e12 * w.world) if w.peak_tflops else 0.0,
-                "perf/step_time_s": step_time,
-                "perf/data_wait_fraction": data_wait / step_time,
+                **window.metrics(w.peak_tflops * 1e12 * w.world),
                 "memory/host_rss_gb": host_rss_gb(),
                 "memory/host_peak_gb": host_peak_rss_gb(),
                 "memory/device_allocated_gb": allocated,
@@ -144,6 +154,7 @@ def _run(w: Workspace, spec: TrainerSpec, ctx: RunContext) -> int:
                 "proc/open_fds": fds,
                 "proc/threads": threads,
             }
+            window = PerfWindow()
             w.metrics.scalars(state.step, metrics)
             ctx.report(state.step, metrics, None)
         if spec.logging.log_samples:
@@ -152,17 +163,14 @@ def _run(w: Workspace, spec: TrainerSpec, ctx: RunContext) -> int:
         faults.maybe_fail("after_step", state.step, w.rank)
 
         stop = False
-        preempted = w.preemption.requested(ctx.preemption_requested())
         # A preempted run saves first: the scheduler's grace period is not spent on evaluation.
-        due = cfg.eval_every and (state.step % cfg.eval_every == 0 or state.step == cfg.max_steps)
-        if due and not preempted:
+        if eval_due and not preempted:
             stop = evaluate(w, spec, state, ctx)
-        every = spec.checkpoint.every_steps
-        last = preempted or stop or state.step == cfg.max_steps
-        if last or (every and state.step % every == 0):
-            save(w, state.step, ctx, background=spec.checkpoint.async_save and not last)
-        else:  # a background save counts once every rank has written its files
-            completed(w, ctx, w.checkpointer.wait(block=False))
+        if stop or save_due:
+            save(w, state.step, ctx, background=spec.checkpoint.async_save and not (preempted or stop or last))
+        elif w.checkpointer.pending() and not sums.writing:
+            # A background save counts once every rank has written its files (they all said so this step).
+            completed(w, ctx, w.checkpointer.wait())
         if preempted:
             log.warning("stopped at step %d on %s with a complete checkpoint", state.step, w.preemption.signal_name)
             if w.preemption.seconds_left() < 0:
@@ -185,21 +193,102 @@ def _run(w: Workspace, spec: TrainerSpec, ctx: RunContext) -> int:
     return EXIT_OK
 
 
+class StepSums:
+    """What the ranks must agree on about a step, from what each knows on the host before it runs: the
+    trained tokens (the loss normalisation), tokens and FLOPs (the metrics), preemption requests and
+    background checkpoint writers still busy, each summed over ranks in one collective over the host's
+    process group. It starts here, before the forward, and is first awaited before the first backward, so
+    the step never waits on the device for it."""
+
+    def __init__(self, micro: list[dict], flops: FlopCounter | None = None, preempt: bool = False, writing=False):
+        self._sums = distributed.HostSum(
+            [
+                sum(trained_tokens(mb) for mb in micro),
+                sum(mb["input_ids"].numel() for mb in micro),
+                sum(flops.step_flops(mb["position_ids"]) for mb in micro) if flops else 0.0,
+                float(preempt),
+                float(writing),
+            ]
+        )
+        self._values: list[float] | None = None
+
+    def _value(self, i: int) -> float:
+        if self._values is None:
+            self._values = self._sums.result()
+        return self._values[i]
+
+    @property
+    def trained(self) -> int:
+        return int(self._value(0))
+
+    @property
+    def tokens(self) -> int:
+        return int(self._value(1))
+
+    @property
+    def flops(self) -> float:
+        return self._value(2)
+
+    @property
+    def preempt(self) -> bool:
+        """Whether any rank knew of a preemption request."""
+        return self._value(3) > 0
+
+    @property
+    def writing(self) -> bool:
+        """Whether any rank was still writing a background checkpoint."""
+        return self._value(4) > 0
+
+
+def trained_tokens(mb: dict) -> int:
+    """Positions of a micro-batch whose next token is trained on, counted on the host."""
+    return int(np.count_nonzero(mb["labels"].numpy()[:, 1:] != IGNORE))
+
+
+class PerfWindow:
+    """Throughput over the steps since the last log: each step is timed from its first batch to its end, and
+    a logging step ends after the loss has come back from the device, so the device's work of the steps
+    between is inside the window (timing a single step without a sync would time only its launch)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.seconds = self.data_wait = 0.0
+        self.tokens = self.trained = 0
+        self.flops = 0.0
+
+    def add(self, seconds: float, data_wait: float, sums: StepSums) -> None:
+        self.steps += 1
+        self.seconds += seconds
+        self.data_wait += data_wait
+        self.tokens += sums.tokens
+        self.trained += sums.trained
+        self.flops += sums.flops
+
+    def metrics(self, peak_flops: float) -> dict[str, float]:
+        seconds = max(self.seconds, 1e-9)
+        return {
+            "perf/tokens_per_s": self.tokens / seconds,
+            "perf/trained_tokens_per_s": self.trained / seconds,
+            "perf/mfu": self.flops / seconds / peak_flops if peak_flops else 0.0,
+            "perf/step_time_s": seconds / max(self.steps, 1),
+            "perf/data_wait_fraction": self.data_wait / seconds,
+        }
+
+
 def train_step(
-    engine, micro: list[dict], world: int, device: torch.device, adalora=None, step: int = 0
-) -> tuple[float, int]:
-    """One optimizer step over this rank's micro-batches; returns (summed loss, trained tokens), both over
-    the whole global batch.
+    engine, micro: list[dict], sums: StepSums, world: int, device: torch.device, adalora=None, step: int = 0
+) -> torch.Tensor:
+    """One optimizer step over this rank's micro-batches; returns this rank's summed loss, on the device
+    (the loop reduces it over ranks only at the steps that report it: nothing here waits on the device).
 
     Every trained token of the global batch weighs the same: each micro-batch's summed loss is divided by
-    the trained tokens of all ranks together (DeepSpeed then averages gradients over ranks, hence x world).
+    the trained tokens of all ranks together, `sums.trained`, first read once the first forward is issued
+    (DeepSpeed then averages gradients over ranks, hence x world).
     """
-    trained = int(distributed.all_reduce(sum(int((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro)).item())
-    scale = world / max(trained, 1)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for mb in micro:
         loss, _ = engine(*(mb[k].to(device, non_blocking=True) for k in ("input_ids", "labels", "position_ids")))
-        engine.backward(loss * scale, scale_wrt_gas=False)
+        engine.backward(loss * (world / max(sums.trained, 1)), scale_wrt_gas=False)
         last = mb is micro[-1]
         if adalora is not None and last:
             adalora.before_step(step)  # reads the gradients, which the optimizer step clears
@@ -207,7 +296,7 @@ def train_step(
         if adalora is not None and last:
             adalora.after_step(step)
         loss_sum += loss.detach().double()
-    return float(distributed.all_reduce(loss_sum).item()), trained
+    return loss_sum
 
 
 def evaluate(w: Workspace, spec: TrainerSpec, state: TrainState, ctx: RunContext) -> bool:

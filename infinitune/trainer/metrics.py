@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 # Dense bf16/fp16 peak TFLOP/s of known accelerators (vendor datasheets, without sparsity).
@@ -64,8 +65,9 @@ class FlopCounter:
         self.attention = 12 * getattr(text, "num_hidden_layers", 0) * heads * head_dim
 
     def step_flops(self, position_ids: torch.Tensor) -> float:
+        """Of a batch's positions, on the host (as the loader gives them)."""
         tokens = position_ids.numel()
-        context = float((position_ids.double() + 1).sum())
+        context = float((position_ids.numpy().astype(np.float64) + 1).sum())
         return self.per_token * tokens + self.attention * context
 
 

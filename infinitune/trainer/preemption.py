@@ -7,8 +7,6 @@ import signal
 import threading
 import time
 
-from infinitune.trainer import distributed
-
 log = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request with a complete checkpoint; restart to continue
@@ -45,7 +43,7 @@ def restore_process_handlers() -> None:
 
 
 class Preemption:
-    """Sets a flag on SIGTERM/SIGUSR1; `requested()` (a collective) tells every rank whether any got one."""
+    """Sets a flag on SIGTERM/SIGUSR1; `known()` says whether this rank got one, `agree()` takes whether any did."""
 
     def __init__(self, grace_s: float, signals=(signal.SIGTERM, signal.SIGUSR1)):
         self.grace_s = grace_s
@@ -63,16 +61,19 @@ class Preemption:
             self.signal_name = signal.Signals(signum).name
             log.warning("%s received: saving at the next step boundary", self.signal_name)
 
-    def requested(self, elsewhere: bool = False) -> bool:
-        """Whether any rank was signalled (or told by its launcher, `elsewhere`). Every rank calls it at every
-        step boundary."""
+    def known(self, elsewhere: bool = False) -> bool:
+        """Whether this rank knows of a request: a signal, or its launcher's notice (`elsewhere`). Not a
+        collective: the loop sums it over ranks with the step's other numbers and passes the sum to `agree`."""
         if elsewhere and self.received_at is None:
             self.received_at, self.signal_name = time.monotonic(), "preemption notice"
         if _SIGNALLED and self.received_at is None:
             self.received_at, self.signal_name = _SIGNALLED[0]
-        anywhere = bool(distributed.all_reduce(1 if self.received_at is not None else 0, op="max").item())
-        if anywhere and not self.signal_name:
-            self.signal_name = "another rank's request"
+        return self.received_at is not None
+
+    def agree(self, anywhere: bool) -> bool:
+        """`anywhere`: whether any rank knew of a request, the same on every rank. Returns it."""
+        if anywhere and self.received_at is None:
+            self.received_at, self.signal_name = time.monotonic(), "another rank's request"
         return anywhere
 
     def seconds_left(self) -> float:

@@ -42,6 +42,7 @@ test-quick: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check infinitune tests bench
 	$(BIN)/ruff format --check infinitune tests bench
+	$(BIN)/lint-imports
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix infinitune tests bench

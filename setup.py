@@ -42,7 +42,8 @@ setup(
         "gguf>=0.10",
     ],
     extras_require={
-        "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "moto[server]>=5"],  # moto: a local S3 for tests
+        # moto: a local S3 for tests; import-linter: the layering contract (pyproject.toml)
+        "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "moto[server]>=5", "import-linter>=2.13", "jsonschema>=4"],
         "s3": ["s3fs"],
         "bench": ["trl>=1.16,<2"],  # bench/peers.py races TRL's SFTTrainer
     },

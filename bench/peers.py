@@ -266,7 +266,7 @@ def run_infinitune(spec: dict, zero_stage: int, seed: int) -> dict:
     import yaml
 
     from infinitune.trainer import run
-    from infinitune.trainer.evaluate import load_for_eval
+    from infinitune.trainer.loading import load_for_eval
 
     single_process_env()
     run_dir = Path(

@@ -12,6 +12,7 @@ rejects. Nothing here knows about any particular component.
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import difflib
 import functools
@@ -217,8 +218,6 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Set each `section.key=value` in nested plain `data` (a copy). List items are addressed by index."""
-    import copy
-
     data = copy.deepcopy(data)
     for text in overrides:
         parts, value = parse_override(text)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from infinitune.testing.jobs import job_config, logs, make_tiny_setup, run, run_dir_of, step_losses
-from infinitune.trainer.export import consolidated_state_dict, find_checkpoint
+from infinitune.trainer.loading import consolidated_state_dict, find_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -98,7 +98,7 @@ def test_an_adapter_trains_checkpoints_only_itself_resumes_and_exports_merged(
     if method == "prefix":  # not mergeable: a peft adapter directory pointing at its base
         from peft import PeftModel
 
-        from infinitune.trainer.export import generate
+        from infinitune.trainer.generation import reply
 
         out = export(run_dir_of(reference), tmp_path / "adapter", dtype="float32")
         assert (out / "adapter_config.json").is_file() and not (out / "config.json").exists()
@@ -107,7 +107,7 @@ def test_an_adapter_trains_checkpoints_only_itself_resumes_and_exports_merged(
         trained = {n: p for n, p in reloaded.named_parameters() if "prompt_encoder" in n}
         assert len(trained) == 1 and len(weights) == 1
         assert torch.allclose(next(iter(trained.values())), next(iter(weights.values())))
-        assert isinstance(generate(out, "Reverse the letters of the word.\n\nabc", max_new_tokens=4), str)
+        assert isinstance(reply(out, "Reverse the letters of the word.\n\nabc", max_new_tokens=4), str)
         return
     out = export(run_dir_of(reference), tmp_path / "merged", dtype="float32")
     model = AutoModelForCausalLM.from_pretrained(out)

@@ -71,4 +71,3 @@ def test_messages_form_and_task_selection():
     assert user["content"] == f"{alpaca['instruction']}\n\n{alpaca['input']}"
     with pytest.raises(ValueError, match="unknown task"):
         next(synthetic.stream(tasks=["telepathy"]))
-    assert synthetic.exact_match(" 42\n", "42") and not synthetic.exact_match("41", "42")

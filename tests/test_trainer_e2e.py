@@ -257,7 +257,7 @@ def _record(kind, name):
     while f is not None:
         if f.f_code.co_name == "_complete" and f.f_code.co_filename.endswith("checkpoint.py"):
             completing = True
-        if f.f_code.co_name == "_run" and f.f_code.co_filename.endswith(os.path.join("trainer", "loop.py")):
+        if f.f_code.co_name == "_loop" and f.f_code.co_filename.endswith(os.path.join("trainer", "loop.py")):
             step = f.f_locals["state"].step
             break
         f = f.f_back

@@ -9,22 +9,20 @@ from __future__ import annotations
 
 from typing import Any
 
+import ray
+
 from infinitune.cluster.config import ClusterConfig
 from infinitune.cluster.ray_job import connect
+from infinitune.trainer.evaluate import eval_slice, load_examples
+from infinitune.trainer.loading import load_eval_tokenizer
 
 
 def _slice(target: str, data: str, settings: Any, lo: int, hi: int):
-    from infinitune.trainer.evaluate import eval_slice
-
     return eval_slice(target, data, settings, lo, hi, progress=False)
 
 
 def eval_on_workers(target: str, data: str, settings: Any, workers: int, address: str | None = None):
     """(rows in example order, records left out by reason, examples in all), computed by `workers` tasks."""
-    import ray
-
-    from infinitune.trainer.evaluate import load_eval_tokenizer, load_examples
-
     # The examples' count decides the slices: the driver needs the tokenizer, not the model.
     tokenizer = load_eval_tokenizer(target, settings.step)
     examples, _ = load_examples(data, tokenizer, settings.limit)

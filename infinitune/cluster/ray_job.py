@@ -25,16 +25,30 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import psutil
+import ray
+import ray.train
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch.config import _TorchBackend  # Ray's own backend, extended by one step before it
+from ray.train.v2._internal.execution.callback import WorkerCallback
+from ray.util.queue import Queue
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from tqdm import tqdm
+
 from infinitune.cluster.config import ClusterConfig
 from infinitune.data_pipeline.errors import DataError
+from infinitune.trainer import distributed
 from infinitune.trainer.checkpoint_errors import CheckpointError
 from infinitune.trainer.checkpoint_format import COMPLETE, checkpoint_problem
 from infinitune.trainer.context import RunContext
-from infinitune.trainer.preemption import EXIT_PREEMPTED
+from infinitune.trainer.loop import train
+from infinitune.trainer.preemption import EXIT_PREEMPTED, install_process_handlers, restore_process_handlers
+from infinitune.trainer.run import configure_logging, spec_from_dict
+from infinitune.trainer.storage import upload
 from infinitune.typed_config import ConfigError
 
 log = logging.getLogger(__name__)
-EXIT_FAILED = 1
 
 
 class JobFailed(RuntimeError):
@@ -82,8 +96,6 @@ def ray_environment(embedded: bool, worker_start_timeout_s: float = 60.0) -> dic
 
 def connect(cfg: ClusterConfig) -> bool:
     """Join the configured cluster, or start an embedded one; returns whether this call started Ray."""
-    import ray
-
     if ray.is_initialized():
         return False
     embedded = cfg.address is None
@@ -111,8 +123,6 @@ def connect(cfg: ClusterConfig) -> bool:
 
 def interface_of(address: str) -> str | None:
     """The name of this machine's network interface that holds `address`, or None."""
-    import psutil
-
     for name, addresses in psutil.net_if_addrs().items():
         if any(a.address == address for a in addresses):
             return name
@@ -125,8 +135,6 @@ def bind_to_node_interface() -> None:
     (Ubuntu's default /etc/hosts: 127.0.1.1) is loopback: the other hosts then fail to connect ("Gloo
     connectFullMesh failed ... Connection refused"). NCCL chooses its own interfaces (not by the host name; its
     data goes over InfiniBand or the fastest NIC), so NCCL_SOCKET_IFNAME is left to the user."""
-    import ray
-
     name = interface_of(ray.util.get_node_ip_address())
     if name is not None:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", name)
@@ -135,8 +143,6 @@ def bind_to_node_interface() -> None:
 def torch_config(use_gpu: bool):
     """Ray Train's TorchConfig, whose workers bind their collectives to their node's interface before the
     process group is made."""
-    from ray.train.torch import TorchConfig
-    from ray.train.torch.config import _TorchBackend  # Ray's own backend, extended by one step before it
 
     class Backend(_TorchBackend):
         def on_start(self, worker_group, backend_config):
@@ -152,27 +158,16 @@ def torch_config(use_gpu: bool):
 
 
 def _worker_callbacks() -> list:
-    from ray.train import UserCallback
-    from ray.train.v2._internal.execution.callback import WorkerCallback
-
     class PreemptionSignals(WorkerCallback):
         """SIGTERM/SIGUSR1 to a worker process make the loop save at its next step boundary; signals reach a
         process's main thread only, which is where Ray runs this hook."""
 
         def after_init_train_context(self):
-            import threading as _threading
-
-            from infinitune.trainer.preemption import install_process_handlers
-
-            if _threading.current_thread() is _threading.main_thread():
+            if threading.current_thread() is threading.main_thread():
                 install_process_handlers()
 
         def before_worker_shutdown(self):
-            import threading as _threading
-
-            from infinitune.trainer.preemption import restore_process_handlers
-
-            if _threading.current_thread() is _threading.main_thread():
+            if threading.current_thread() is threading.main_thread():
                 restore_process_handlers()  # Ray's own SIGTERM (exit) again, now that training is over
 
     class FailFast(UserCallback):
@@ -199,15 +194,11 @@ class RayContext(RunContext):
         self._restored: Path | None = None  # this node's copy of the checkpoint restored from object storage
 
     def checkpoint_root(self, run_dir: Path, rank: int) -> tuple[Path, bool]:
-        import ray.train
-
         context = ray.train.get_context()
         name = f"infinitune-{context.get_experiment_name()}-rank{rank}-{os.getpid()}"
         return Path(tempfile.gettempdir()) / name, False
 
     def restore_from(self) -> Path | None:
-        import ray.train
-
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return None
@@ -248,8 +239,6 @@ class RayContext(RunContext):
         return target
 
     def restore_done(self) -> None:
-        import ray.train
-
         if self._restored is not None and ray.train.get_context().get_local_rank() == 0:
             # Renamed first: a removal cut short leaves no directory that looks like a copy to reuse.
             parent = self._restored.parent
@@ -259,8 +248,6 @@ class RayContext(RunContext):
         self._restored = None
 
     def report(self, step: int, metrics: dict[str, Any], checkpoint: Path | None) -> None:
-        import ray.train
-
         if checkpoint is not None:  # every rank, the same number of times: report() is a barrier
             ray.train.report(
                 {"step": step, **metrics},
@@ -275,16 +262,10 @@ class RayContext(RunContext):
                 self.progress.put_nowait({"step": step, **metrics})
 
     def upload_logs(self) -> None:
-        import ray.train
-
         if self.storage and self.run_dir is not None and ray.train.get_context().get_world_rank() == 0:
-            from infinitune.trainer.storage import upload
-
             upload(self.run_dir, self.storage)
 
     def preemption_requested(self) -> bool:
-        import ray.train
-
         getter = getattr(ray.train, "get_preemption_info", None)
         if getter and getter() is not None:
             return True
@@ -295,8 +276,6 @@ class RayContext(RunContext):
         """Whether the driver's stop flag is set, without waiting on it at each step: one question is always in
         flight, its answer read at the first step boundary after it arrives and the next question sent at once,
         so a stop is seen within two step boundaries."""
-        import ray
-
         if self.stop is None:
             return False
         if self._asking is None:
@@ -311,8 +290,6 @@ class RayContext(RunContext):
             return False
 
     def stopped_by_driver(self) -> bool:
-        import ray
-
         if self.stop is None:
             return False
         try:
@@ -323,11 +300,6 @@ class RayContext(RunContext):
 
 def _train_fn(config: dict[str, Any]) -> None:
     """The training function on each Ray worker."""
-    import ray.train
-
-    from infinitune.trainer.loop import train
-    from infinitune.trainer.run import configure_logging, spec_from_dict
-
     rank = ray.train.get_context().get_world_rank()
     configure_logging(rank, Path(config["run_dir"]) / "logs" / f"rank{rank}.log")
     context = RayContext(config.get("progress"), Path(config["run_dir"]), config.get("storage"), config.get("stop"))
@@ -341,11 +313,9 @@ def _train_fn(config: dict[str, Any]) -> None:
     if code == EXIT_PREEMPTED and context.stopped_by_driver():
         return  # the user stopped the job: end here (the driver says how to resume), no restart
     if code == EXIT_PREEMPTED:
-        # Every rank's report of that checkpoint is in Ray's queue before any rank fails. Ray registers a
-        # checkpoint once it has polled every rank's report; a rank failing first made Ray restart from the
-        # checkpoint before (seen once in CI: resumed from step 30, the coordinated save at 31 lost).
-        from infinitune.trainer import distributed
-
+        # Every rank's report of that checkpoint is in Ray's queue before any rank fails: Ray registers a
+        # checkpoint once it has polled every rank's report, and a rank failing first makes it restart from the
+        # checkpoint before.
         distributed.barrier()
         # A failure for Ray, so that it restarts the workers, which continue from the checkpoint just saved.
         raise RuntimeError("preempted: a complete checkpoint was saved; restarting from it")
@@ -361,12 +331,6 @@ def run_job(
 ) -> int:
     """Run the resolved job on Ray until it ends; returns 0, or raises JobFailed with what to do. Checkpoints
     go to RUN_DIR/checkpoints, or to STORAGE/checkpoints when `storage` (a URI) is given."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from ray.util.queue import Queue
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     started = connect(cluster)
     try:
         if storage is None:
@@ -441,9 +405,6 @@ def check_storage_shared(directory: Path, cluster: ClusterConfig, timeout: float
     """Refuse a storage directory that the cluster's nodes do not share: a file written there on this node must
     be read back, the same, on every other live node. Checkpoints on one node's own disk would be missing
     wherever Ray restarts the workers, and the run could not continue."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     # The nodes that can hold a worker: a CPU-only head or another pool never reads the checkpoints.
     slot = "GPU" if cluster.use_gpu else "CPU"
     nodes = [
@@ -509,8 +470,6 @@ def _fit_off_the_main_thread(trainer) -> None:
 
 
 def _stop_requested(stop) -> bool:
-    import ray
-
     try:
         return ray.get(stop.get.remote(), timeout=30) is not None
     except Exception:  # the flag's actor lost: nobody can have set it since
@@ -564,8 +523,6 @@ def _failure_message(error: Exception, run_dir: Path, cluster: ClusterConfig, re
 
 def _session_logs() -> str:
     """This Ray session's log directory (`session_latest` may name another cluster's by now)."""
-    import ray
-
     try:
         return str(Path(ray._private.worker.global_worker.node.get_session_dir_path()) / "logs")
     except Exception:  # disconnected already, or Ray's internals moved
@@ -574,8 +531,6 @@ def _session_logs() -> str:
 
 def _show_progress(progress, total: int, stop: threading.Event) -> None:
     """The driver's progress bar: step, loss, tokens/s and ETA, from rank 0's reports."""
-    from tqdm import tqdm
-
     bar = tqdm(total=total, unit="step", desc="train", dynamic_ncols=True)
     try:
         while not stop.is_set():

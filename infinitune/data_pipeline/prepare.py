@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from infinitune.data_pipeline.config import DataConfig, SourceConfig
 from infinitune.data_pipeline.errors import INVALID, DataError, RecordError
@@ -263,8 +264,6 @@ def prepare(
     progress: bool = True,
 ) -> Manifest:
     """Write `cfg.shards_dir` (shards, manifest.json and, if anything was skipped, skipped.jsonl)."""
-    from tqdm import tqdm
-
     chat_template = resolve_chat_template(tokenizer, cfg.chat_template)
     try:
         ChatEncoder(tokenizer, chat_template, cfg.train_on)

@@ -152,8 +152,3 @@ def answer_of(record: dict[str, Any]) -> str:
     if "output" in record:
         return record["output"]
     return record["messages"][-1]["content"]
-
-
-def exact_match(prediction: str, reference: str) -> bool:
-    """Exact match after trimming surrounding whitespace (what the quickstart scores)."""
-    return prediction.strip() == reference.strip()

@@ -1,4 +1,7 @@
-"""The `infinitune` command line."""
+"""The `infinitune` command line.
+
+Each command imports what it runs inside its own function, on purpose: `infinitune --help`, `config` or `status`
+must not pay for torch, Ray or transformers (seconds each) that only other commands need."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from infinitune.trainer.config import DTYPES
 from infinitune.typed_config import ConfigError
 
 EXIT_USAGE = 2  # bad config, bad input: nothing was started
@@ -234,7 +238,9 @@ def cmd_stop(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from infinitune.trainer.evaluate import EvalSettings, Sampling, build_report, eval_slice, format_report
+    from infinitune.launcher.eval_report import build_report, format_report
+    from infinitune.trainer.evaluate import EvalSettings, eval_slice
+    from infinitune.trainer.generation import Sampling
     from infinitune.trainer.scoring import parse_metrics
 
     try:
@@ -281,9 +287,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from infinitune.trainer.export import generate
+    from infinitune.trainer.generation import reply
 
-    print(generate(args.model_dir, args.prompt, max_new_tokens=args.max_new_tokens, system=args.system))
+    print(reply(args.model_dir, args.prompt, max_new_tokens=args.max_new_tokens, system=args.system))
     return 0
 
 
@@ -394,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest complete one)")
     p.add_argument(
         "--dtype",
-        choices=["bfloat16", "float16", "float32"],
+        choices=DTYPES,
         default=None,
         help="weights dtype (default: model.dtype)",
     )
@@ -470,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     known: tuple[type[Exception], ...] = (ConfigError, DataError, ModelSourceError, ConnectionError)
     if args.command in ("export", "generate", "eval", "compare"):
-        from infinitune.trainer.export import ExportError
+        from infinitune.trainer.loading import ExportError
 
         known = (*known, ExportError, OSError)
     try:

@@ -3,6 +3,7 @@ read from the runs' TensorBoard event files (with tensorboard's own EventAccumul
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,8 +26,6 @@ class RunSummary:
 
 
 def read_run(run_dir: str | Path) -> RunSummary:
-    import logging
-
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logging.getLogger("tensorboard").setLevel(logging.WARNING)  # it logs each file it reads at INFO

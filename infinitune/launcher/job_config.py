@@ -6,6 +6,7 @@ unknown keys, types, values, how sections fit together, and (when asked) the mod
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ import yaml
 
 from infinitune.cluster.config import ClusterConfig
 from infinitune.data_pipeline.config import DataConfig
+from infinitune.data_pipeline.tokenizer import resolve_model_source
 from infinitune.trainer.config import (
     CheckpointConfig,
     DeepSpeedConfig,
@@ -23,6 +25,8 @@ from infinitune.trainer.config import (
     ModelConfig,
     TrainConfig,
 )
+from infinitune.trainer.plan import ModelShape, known_config, make_plan
+from infinitune.trainer.storage import is_uri
 from infinitune.typed_config import ConfigError, apply_overrides, from_dict, require, to_dict
 
 
@@ -147,7 +151,6 @@ def _is_local(path: str) -> bool:
 def absolute_paths(cfg: JobConfig) -> JobConfig:
     """The config with its local paths made absolute: workers (Ray's, in their own directories) and a later
     `resume` from elsewhere must find the same files. Hub ids and URLs are left as they are."""
-    import dataclasses
 
     def resolve(path: str | None, must_exist: bool) -> str | None:
         if path is None or not _is_local(path):
@@ -178,8 +181,6 @@ def absolute_paths(cfg: JobConfig) -> JobConfig:
 def run_location(cfg: JobConfig) -> tuple[Path, str | None]:
     """(the run's local directory, its storage URI or None): `storage_path/name` when storage is a directory;
     `local_dir/name` and `storage_path/name` when it is a URI."""
-    from infinitune.trainer.storage import is_uri
-
     storage = cfg.cluster.storage_path
     if is_uri(storage):
         return Path(cfg.cluster.local_dir) / cfg.name, f"{storage.rstrip('/')}/{cfg.name}"
@@ -203,8 +204,6 @@ def model_max_positions(model: ModelConfig) -> int | None:
     except ConfigError:
         raise
     except Exception as e:  # a damaged config.json or GGUF header, an unreachable hub
-        from infinitune.trainer.plan import known_config
-
         known = known_config(model.path)
         if known is not None:  # a common model, whose architecture is shipped
             return known["max_position_embeddings"]
@@ -216,8 +215,6 @@ def model_max_positions(model: ModelConfig) -> int | None:
 
 
 def _read_max_positions(model: ModelConfig) -> int | None:
-    from infinitune.data_pipeline.tokenizer import resolve_model_source
-
     source, gguf = resolve_model_source(model.path, model.gguf_file)
     if gguf:
         return _gguf_config(os.path.join(source, gguf))["max_position_embeddings"]
@@ -236,8 +233,6 @@ def _read_max_positions(model: ModelConfig) -> int | None:
 
 def model_config(model: ModelConfig) -> dict[str, Any]:
     """The model's config (config.json, a GGUF header, or a hub id's config): no weights are read."""
-    from infinitune.data_pipeline.tokenizer import resolve_model_source
-
     try:
         source, gguf = resolve_model_source(model.path, model.gguf_file)
         if gguf:
@@ -246,8 +241,6 @@ def model_config(model: ModelConfig) -> dict[str, Any]:
 
         return AutoConfig.from_pretrained(source, trust_remote_code=model.trust_remote_code).to_dict()
     except Exception as e:  # a missing or damaged config.json, an unreachable hub
-        from infinitune.trainer.plan import known_config
-
         known = known_config(model.path)
         if known is not None:  # a common model's architecture, shipped: planning needs no hub
             return known
@@ -292,8 +285,6 @@ def job_plan(
 ):
     """What the job needs per GPU and sends per step (trainer/plan.py), on the fewest workers it may run on (the
     most per GPU), for `gpu` (default: cluster.gpu, else H100); `shape` saves reading the model's config again."""
-    from infinitune.trainer.plan import ModelShape, make_plan
-
     world = cfg.cluster.worker_range[0]
     adapter = cfg.model.adapter
     return make_plan(
@@ -331,7 +322,6 @@ def check_plan_fits(cfg: JobConfig) -> None:
     that name their GPU only)."""
     if cfg.cluster.gpu is None or not cfg.cluster.use_gpu:
         return
-    from infinitune.trainer.plan import ModelShape
 
     shape = ModelShape.from_config(model_config(cfg.model))
     plan = job_plan(cfg, shape=shape)

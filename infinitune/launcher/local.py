@@ -3,6 +3,8 @@ gets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT and runs `python 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -63,12 +65,8 @@ def start_workers(
 
 def _die_with_parent() -> None:
     """In the child: be sent SIGTERM (save and stop) if the launcher dies, rather than run on orphaned."""
-    try:
-        import ctypes
-
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: the workers outlive a killed launcher
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # not Linux: the workers outlive a killed launcher
 
 
 def wait_workers(procs: list[subprocess.Popen], grace_s: float = 120.0) -> int:

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
+from infinitune.trainer.scoring import GENERATION_METRICS
 from infinitune.typed_config import require
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+DTYPES: tuple[str, ...] = get_args(Dtype)
+EarlyStoppingMetric = Literal[("loss", *GENERATION_METRICS)]  # type: ignore[valid-type]
 
 ADAPTER_METHODS = ("lora", "adalora", "prefix", "ia3")
 MERGEABLE = frozenset({"lora", "adalora", "ia3"})  # folded into the base weights at export
@@ -70,7 +75,7 @@ class ModelConfig:
     tokenizer: str | None = None
     """Where the tokenizer is, if not beside the model."""
 
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    dtype: Dtype = "bfloat16"
     """Dtype of the exported weights (training computes in deepspeed.precision)."""
 
     attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"] = "sdpa"
@@ -148,7 +153,7 @@ class TrainConfig:
     early_stopping_patience: int = 0
     """Stop after this many evaluations without a better `early_stopping_metric` (0: never)."""
 
-    early_stopping_metric: Literal["loss", "exact_match", "rouge_l", "bleu"] = "loss"
+    early_stopping_metric: EarlyStoppingMetric = "loss"
     """What early stopping watches: validation loss (lower is better) or a score of the generated answers
     (higher is better; it must be in eval_metrics)."""
 
@@ -156,7 +161,7 @@ class TrainConfig:
     """Validation tasks answered greedily at each evaluation (the same ones each time): scored by
     eval_metrics, and a few logged in full as TensorBoard text."""
 
-    eval_metrics: list[str] = field(default_factory=lambda: ["exact_match", "rouge_l", "bleu"])
+    eval_metrics: list[str] = field(default_factory=lambda: list(GENERATION_METRICS))
     """Scores of the generated answers against the references, written as eval/<name>: exact_match,
     rouge_l (F1, rouge-score), bleu (corpus BLEU, sacrebleu). The validation loss is always computed."""
 
@@ -168,9 +173,8 @@ class TrainConfig:
 
     def __post_init__(self):
         require(self.eval_generations >= 0, "eval_generations", f"must be >= 0; got {self.eval_generations}")
-        known = ("exact_match", "rouge_l", "bleu")
-        unknown = [m for m in self.eval_metrics if m not in known]
-        require(not unknown, "eval_metrics", f"unknown {unknown}; choose from {', '.join(known)}")
+        unknown = [m for m in self.eval_metrics if m not in GENERATION_METRICS]
+        require(not unknown, "eval_metrics", f"unknown {unknown}; choose from {', '.join(GENERATION_METRICS)}")
         if self.early_stopping_patience and self.early_stopping_metric != "loss":
             require(
                 self.early_stopping_metric in self.eval_metrics and self.eval_generations > 0,

@@ -7,18 +7,25 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
+from infinitune.data_pipeline.config import SourceConfig
 from infinitune.data_pipeline.errors import DataError, RecordError
-from infinitune.data_pipeline.shards import Manifest, iter_shard, join_url
+from infinitune.data_pipeline.formats import detect_format, normalise
+from infinitune.data_pipeline.shards import Manifest, check_tokenizer, iter_shard, join_url, read_manifest
+from infinitune.data_pipeline.sources import iter_records
 from infinitune.data_pipeline.stream import StatefulLoader
-from infinitune.data_pipeline.template import IGNORE
+from infinitune.data_pipeline.template import IGNORE, ChatEncoder
+from infinitune.data_pipeline.tokenizer import resolve_chat_template, tokenizer_fingerprint
 from infinitune.trainer import distributed
-from infinitune.trainer.model import cache_argument, prefix_length
+from infinitune.trainer.generation import Sampling, generate
+from infinitune.trainer.loading import load_for_eval
 from infinitune.trainer.scoring import GENERATION_METRICS
 
 log = logging.getLogger(__name__)
@@ -89,12 +96,6 @@ def examples_from_records(path: str, tokenizer, limit: int | None = None) -> tup
     """Held-out tasks from a file of records in any format `prepare` reads: the conversation without its last
     answer is the prompt (through the tokenizer's chat template), that answer the reference. Records that
     cannot be used are counted by reason, never silently left out."""
-    from infinitune.data_pipeline.config import SourceConfig
-    from infinitune.data_pipeline.formats import detect_format, normalise
-    from infinitune.data_pipeline.sources import iter_records
-    from infinitune.data_pipeline.template import ChatEncoder
-    from infinitune.data_pipeline.tokenizer import resolve_chat_template
-
     records = []
     for location, record in iter_records(SourceConfig(path=path), "--data"):
         records.append((location, record))
@@ -133,133 +134,6 @@ def examples_from_records(path: str, tokenizer, limit: int | None = None) -> tup
             )
         )
     return examples, dropped
-
-
-def end_of_turn_ids(lm, tokenizer) -> list[int]:
-    """Where an answer ends: the model's generation-config end ids (its end-of-turn token) and the tokenizer's."""
-    ids: list[int] = []
-    config_eos = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
-    for tid in [*(config_eos if isinstance(config_eos, list) else [config_eos]), tokenizer.eos_token_id]:
-        if tid is not None and tid not in ids:
-            ids.append(int(tid))
-    return ids
-
-
-@dataclass
-class Sampling:
-    """Sampled instead of greedy generation; seeded per batch, so answers do not depend on the worker count."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
-
-
-def generate(
-    lm,
-    tokenizer,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    batch_size: int = 8,
-    synced: bool = False,
-    sampling: Sampling | None = None,
-    first_index: int = 0,
-    progress=None,
-) -> list[str]:
-    """Answers to token-id prompts, in left-padded batches, stopping at the end of the turn.
-
-    Under ZeRO-3 on several ranks every rank must join every forward pass (`synced`): all ranks then answer
-    the same prompts. `first_index` is the global index of prompts[0], for seeding sampled batches.
-    """
-    device = distributed.device()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn_ids(lm, tokenizer)[0]
-    eos = end_of_turn_ids(lm, tokenizer)
-    was_training = lm.training
-    lm.eval()
-    answers: list[str] = []
-    # Compiled layers (model.compile_layers) run eagerly here: decoding changes shapes and the cache every token.
-    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
-        for lo in range(0, len(prompts), batch_size):
-            batch = prompts[lo : lo + batch_size]
-            width = max(len(p) for p in batch)
-            ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
-            options: dict[str, Any] = {"do_sample": False}
-            if sampling is not None:
-                torch.manual_seed(sampling.seed + first_index + lo)
-                options = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
-            if prefix_length(lm):
-                new = _generate_with_prefix(lm, ids, mask, max_new_tokens, eos, pad, sampling, synced)
-                answers += [tokenizer.decode(seq, skip_special_tokens=True).strip() for seq in new]
-                if progress is not None:
-                    progress.update(len(batch))
-                continue
-            out = lm.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=max_new_tokens,
-                use_cache=True,  # the model was built with it off (training packs documents)
-                synced_gpus=synced,
-                pad_token_id=pad,
-                eos_token_id=eos,
-                **options,
-            )
-            for seq in out[:, width:]:
-                answers.append(tokenizer.decode(seq, skip_special_tokens=True).strip())
-            if progress is not None:
-                progress.update(len(batch))
-    lm.train(was_training)
-    return answers
-
-
-def _next_token(logits: torch.Tensor, sampling: Sampling | None) -> torch.Tensor:
-    if sampling is None:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / sampling.temperature, -1)
-    if sampling.top_p < 1.0:
-        ordered, order = probs.sort(-1, descending=True)
-        outside = ordered.cumsum(-1) - ordered > sampling.top_p  # keep the smallest set reaching top_p
-        probs = probs.scatter(-1, order, ordered.masked_fill(outside, 0.0))
-    return torch.multinomial(probs, 1)[:, 0]
-
-
-def _generate_with_prefix(lm, ids, mask, max_new_tokens, eos, pad, sampling, synced) -> torch.Tensor:
-    """Decoding for a prefix-tuned model, which peft's generate() no longer feeds its prefix under transformers
-    5: the trained prefix is the KV cache the prompt starts from; positions follow it (as in training)."""
-    base = lm.get_base_model()
-    n_prefix = prefix_length(lm)
-    batch = ids.shape[0]
-    attention = torch.cat([torch.ones(batch, n_prefix, dtype=mask.dtype, device=mask.device), mask], 1)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0) + n_prefix
-    cache_arg = cache_argument(base)
-    out = base(
-        input_ids=ids,
-        attention_mask=attention,
-        position_ids=positions,
-        use_cache=True,
-        **{cache_arg: lm.get_prompt(batch)},
-    )
-    done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
-    tokens = []
-    for _ in range(max_new_tokens):
-        nxt = _next_token(out.logits[:, -1], sampling)
-        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-        tokens.append(nxt)
-        done |= torch.isin(nxt, torch.tensor(eos, device=nxt.device))
-        finished = bool(done.all())
-        if synced:  # every rank takes part in every forward pass, until all are done
-            finished = bool(distributed.all_reduce(0 if finished else 1, op="max").item() == 0)
-        if finished:
-            break
-        attention = torch.cat([attention, torch.ones_like(nxt)[:, None]], 1)
-        positions = positions[:, -1:] + 1
-        out = base(
-            input_ids=nxt[:, None],
-            attention_mask=attention,
-            position_ids=positions,
-            use_cache=True,
-            **{cache_arg: getattr(out, cache_arg)},
-        )
-    return torch.stack(tokens, 1)
 
 
 def answer_losses(lm, examples: list[Example], batch_size: int = 8, progress=None) -> list[tuple[float, int]]:
@@ -345,80 +219,15 @@ def as_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def is_run_dir(target: str) -> bool:
-    from pathlib import Path
-
-    return (Path(target) / "config.yaml").is_file() and not (Path(target) / "config.json").is_file()
-
-
-def load_for_eval(target: str, step: int | None = None):
-    """(model, tokenizer) from an HF directory, a hub id / .gguf, or a run directory (its newest complete
-    checkpoint, or `step`, consolidated in memory: the same weights `export` writes)."""
-    from pathlib import Path
-
-    from infinitune.data_pipeline.tokenizer import load_tokenizer
-    from infinitune.trainer.config import ModelConfig
-    from infinitune.trainer.model import load_causal_lm
-
-    if is_run_dir(target):
-        from infinitune.trainer.export import build_from_checkpoint, find_checkpoint
-
-        return build_from_checkpoint(find_checkpoint(target, step))
-    adapter_config = Path(target) / "adapter_config.json"
-    if adapter_config.is_file():  # a peft adapter export: its base model, then the adapter
-        import json
-
-        from peft import PeftModel
-
-        base = json.loads(adapter_config.read_text())["base_model_name_or_path"]
-        model = PeftModel.from_pretrained(load_causal_lm(ModelConfig(path=base), torch.float32), target)
-        return model, load_tokenizer(target)
-    return load_causal_lm(ModelConfig(path=target), torch.float32), load_tokenizer(target)
-
-
-def load_eval_tokenizer(target: str, step: int | None = None):
-    """The tokenizer `load_for_eval` would return, without loading or consolidating any weights."""
-    from infinitune.data_pipeline.tokenizer import load_tokenizer
-
-    if is_run_dir(target):
-        from infinitune.trainer.export import find_checkpoint
-
-        return load_tokenizer(str(find_checkpoint(target, step) / "hf"))
-    return load_tokenizer(target)
-
-
 def load_examples(data: str, tokenizer, limit: int | None) -> tuple[list[Example], dict[str, int]]:
     """Examples from a prepared shards directory (its validation split) or a file/directory of records."""
-    from pathlib import Path
-
-    from infinitune.data_pipeline.shards import read_manifest
-
     if (Path(data) / "manifest.json").is_file() or "://" in data:
-        from infinitune.data_pipeline.shards import check_tokenizer
-        from infinitune.data_pipeline.tokenizer import tokenizer_fingerprint
-
         manifest = read_manifest(data)
         # Token ids only mean the same text under the tokenizer that made them (the prompts carry their template).
         check_tokenizer(manifest, tokenizer_fingerprint(tokenizer), manifest.chat_template, f"--data {data}")
         split = "val" if "val" in manifest.splits else "train"
         return examples_from_shards(data, manifest, tokenizer, limit, split), {}
     return examples_from_records(data, tokenizer, limit)
-
-
-def format_report(report: dict[str, Any], show: int = 5) -> str:
-    """The terminal view of a report: a few rows, then one line per aggregate."""
-    lines = []
-    for r in report["rows"][:show]:
-        scores = " ".join(f"{m}={r[m]:.3g}" for m in (*GENERATION_METRICS, "loss") if m in r)
-        answer = r.get("answer", "")
-        lines.append(f"  {r['where']}: {answer[:50]!r} (want {r['reference'][:50]!r}) {scores}")
-    width = max(len(k) for k in report["metrics"]) if report["metrics"] else 0
-    lines.append(f"{report['model']} on {report['examples']} examples of {report['data']}:")
-    for name, value in report["metrics"].items():
-        lines.append(f"  {name:<{width}}  {value:.4f}" if isinstance(value, float) else f"  {name:<{width}}  {value}")
-    if report["dropped"]:
-        lines.append("  records left out: " + ", ".join(f"{k} {v}" for k, v in sorted(report["dropped"].items())))
-    return "\n".join(lines)
 
 
 @dataclass
@@ -435,8 +244,6 @@ class EvalSettings:
 
 def eval_slice(target: str, data: str, settings: EvalSettings, lo: int = 0, hi: int | None = None, progress=True):
     """(rows of examples lo..hi, records left out by reason, examples in all): one worker's share."""
-    from tqdm import tqdm
-
     lm, tokenizer = load_for_eval(target, settings.step)
     examples, dropped = load_examples(data, tokenizer, settings.limit)
     mine = examples[lo:hi]
@@ -453,20 +260,3 @@ def eval_slice(target: str, data: str, settings: EvalSettings, lo: int = 0, hi: 
             progress=bar,
         )
     return rows, dropped, len(examples)
-
-
-def build_report(target: str, data: str, settings: EvalSettings, rows, dropped, total: int) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    from infinitune.trainer.scoring import score_rows
-
-    aggregates = score_rows(rows, settings.metrics)
-    return {
-        "model": target,
-        "data": data,
-        "examples": total,
-        "metrics": aggregates,
-        "dropped": dropped,
-        "settings": asdict(settings),
-        "rows": rows,
-    }

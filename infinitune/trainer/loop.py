@@ -4,10 +4,12 @@ Checkpointer. Runs in each worker process, under torchrun, Ray Train or Slurm al
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import socket
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from infinitune.data_pipeline.config import DataConfig
 from infinitune.data_pipeline.errors import DataError
@@ -96,36 +99,38 @@ class TrainState:
 
 def train(spec: TrainerSpec, ctx: RunContext) -> int:
     """Run (or continue) the job; returns EXIT_OK, or EXIT_PREEMPTED after a save on SIGTERM/SIGUSR1."""
-    w = setup(spec, ctx)
+    trainer = setup(spec, ctx)
     try:
-        return _run(w, spec, ctx)
+        return _loop(trainer, spec, ctx)
     finally:
-        w.checkpointer.close()
+        trainer.checkpointer.close()
 
 
-def _run(w: Workspace, spec: TrainerSpec, ctx: RunContext) -> int:
-    engine, state, cfg = w.engine, w.state, spec.train
-    batches = iter(w.train_loader)
+def _loop(trainer: Trainer, spec: TrainerSpec, ctx: RunContext) -> int:
+    engine, state, cfg = trainer.engine, trainer.state, spec.train
+    batches = iter(trainer.train_loader)
     step_loss = math.nan
     window = PerfWindow()
-    log.info("training from step %d to %d on %d workers", state.step, cfg.max_steps, w.world)
+    log.info("training from step %d to %d on %d workers", state.step, cfg.max_steps, trainer.world)
     while state.step < cfg.max_steps:
         t0 = time.perf_counter()
-        micro = [next(batches) for _ in range(w.layout.accumulation)]
+        micro = [next(batches) for _ in range(trainer.layout.accumulation)]
         data_wait = time.perf_counter() - t0
         lr = engine.get_lr()[0]
         sums = StepSums(
             micro,
-            w.flops,
-            preempt=w.preemption.known(ctx.preemption_requested()),
-            writing=w.checkpointer.writing(),
+            trainer.flops,
+            preempt=trainer.preemption.known(ctx.preemption_requested()),
+            writing=trainer.checkpointer.writing(),
         )
-        loss_sum = train_step(w.engine, micro, sums, w.world, w.device, w.adalora, state.step + 1)
+        loss_sum = train_step(
+            trainer.engine, micro, sums, trainer.world, trainer.device, trainer.adalora, state.step + 1
+        )
         state.step += 1
         state.tokens_seen += sums.tokens
         state.trained_tokens_seen += sums.trained
         # What each rank knew when the step began: a signal that arrives during a step stops the next one.
-        preempted = w.preemption.agree(sums.preempt)
+        preempted = trainer.preemption.agree(sums.preempt)
         last = state.step == cfg.max_steps
         log_due = state.step % spec.logging.log_every == 0 or last
         eval_due = bool(cfg.eval_every) and (state.step % cfg.eval_every == 0 or last)
@@ -144,9 +149,9 @@ def _run(w: Workspace, spec: TrainerSpec, ctx: RunContext) -> int:
                 "train/loss": step_loss,
                 "train/lr": lr,
                 "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                "train/epoch": w.train_loader.epoch,
+                "train/epoch": trainer.train_loader.epoch,
                 "train/trained_tokens": state.trained_tokens_seen,
-                **window.metrics(w.peak_tflops * 1e12 * w.world),
+                **window.metrics(trainer.peak_tflops * 1e12 * trainer.world),
                 "memory/host_rss_gb": host_rss_gb(),
                 "memory/host_peak_gb": host_peak_rss_gb(),
                 "memory/device_allocated_gb": allocated,
@@ -155,41 +160,43 @@ def _run(w: Workspace, spec: TrainerSpec, ctx: RunContext) -> int:
                 "proc/threads": threads,
             }
             window = PerfWindow()
-            w.metrics.scalars(state.step, metrics)
+            trainer.metrics.scalars(state.step, metrics)
             ctx.report(state.step, metrics, None)
         if spec.logging.log_samples:
             ids = distributed.all_gather_object([int(i) for mb in micro for i in mb["sample_index"]])
-            w.metrics.samples(state.step, [i for rank_ids in ids for i in rank_ids])
-        faults.maybe_fail("after_step", state.step, w.rank)
+            trainer.metrics.samples(state.step, [i for rank_ids in ids for i in rank_ids])
+        faults.maybe_fail("after_step", state.step, trainer.rank)
 
         stop = False
         # A preempted run saves first: the scheduler's grace period is not spent on evaluation.
         if eval_due and not preempted:
-            stop = evaluate(w, spec, state, ctx)
+            stop = evaluate(trainer, spec, state, ctx)
         if stop or save_due:
-            save(w, state.step, ctx, background=spec.checkpoint.async_save and not (preempted or stop or last))
-        elif w.checkpointer.pending() and not sums.writing:
+            save(trainer, state.step, ctx, background=spec.checkpoint.async_save and not (preempted or stop or last))
+        elif trainer.checkpointer.pending() and not sums.writing:
             # A background save counts once every rank has written its files (they all said so this step).
-            completed(w, ctx, w.checkpointer.wait())
+            completed(trainer, ctx, trainer.checkpointer.wait())
         if preempted:
-            log.warning("stopped at step %d on %s with a complete checkpoint", state.step, w.preemption.signal_name)
-            if w.preemption.seconds_left() < 0:
-                log.warning("the save ended %.0f s after the grace period", -w.preemption.seconds_left())
-            w.metrics.close()
+            log.warning(
+                "stopped at step %d on %s with a complete checkpoint", state.step, trainer.preemption.signal_name
+            )
+            if trainer.preemption.seconds_left() < 0:
+                log.warning("the save ended %.0f s after the grace period", -trainer.preemption.seconds_left())
+            trainer.metrics.close()
             return EXIT_PREEMPTED
         if stop:
             log.info("early stop at step %d: validation loss has not improved", state.step)
             break
     if spec.logging.save_logits_probe:
-        save_logits_probe(w, spec)
-    w.metrics.hparams(
+        save_logits_probe(trainer, spec)
+    trainer.metrics.hparams(
         {k: v for k, v in flat(spec.resolved_config).items()},
         {
             "hparam/final_loss": step_loss,
             "hparam/best_eval_loss": state.best_eval_loss,
         },
     )
-    w.metrics.close()
+    trainer.metrics.close()
     return EXIT_OK
 
 
@@ -299,25 +306,25 @@ def train_step(
     return loss_sum
 
 
-def evaluate(w: Workspace, spec: TrainerSpec, state: TrainState, ctx: RunContext) -> bool:
+def evaluate(trainer: Trainer, spec: TrainerSpec, state: TrainState, ctx: RunContext) -> bool:
     """Validation loss and perplexity over the whole split, and the held-out tasks answered and scored (the
     code of `infinitune eval`); returns whether early stopping says stop."""
-    loss, _ = validation_loss(w.engine, w.val_loader)
+    loss, _ = validation_loss(trainer.engine, trainer.val_loader)
     metrics = {"eval/loss": loss, "eval/ppl": perplexity(loss)}
-    if w.examples:
+    if trainer.examples:
         rows = evaluate_examples(
-            w.lm,
-            w.tokenizer,
-            w.examples,
+            trainer.lm,
+            trainer.tokenizer,
+            trainer.examples,
             spec.train.eval_metrics,
             spec.train.max_new_tokens,
             batch_size=8,
-            synced=w.zero3 and w.world > 1,
+            synced=trainer.zero3 and trainer.world > 1,
         )
         scores = score_rows(rows, spec.train.eval_metrics)
         metrics.update({f"eval/{k}": v for k, v in scores.items()})
-        w.metrics.text(state.step, "eval/generations", as_markdown(rows[:8]))
-    w.metrics.scalars(state.step, metrics)
+        trainer.metrics.text(state.step, "eval/generations", as_markdown(rows[:8]))
+    trainer.metrics.scalars(state.step, metrics)
     ctx.report(state.step, metrics, None)
     watched = spec.train.early_stopping_metric
     value = metrics[f"eval/{watched}"]
@@ -332,29 +339,29 @@ def evaluate(w: Workspace, spec: TrainerSpec, state: TrainState, ctx: RunContext
     return bool(patience and state.evals_without_improvement >= patience)
 
 
-def save(w: Workspace, step: int, ctx: RunContext, background: bool = False) -> None:
+def save(trainer: Trainer, step: int, ctx: RunContext, background: bool = False) -> None:
     t0 = time.perf_counter()
-    completed(w, ctx, w.checkpointer.wait())  # one background save at a time
-    directory = w.checkpointer.save(step, background=background)
+    completed(trainer, ctx, trainer.checkpointer.wait())  # one background save at a time
+    directory = trainer.checkpointer.save(step, background=background)
     blocked = time.perf_counter() - t0
-    w.metrics.scalars(step, {"perf/checkpoint_s": blocked})
+    trainer.metrics.scalars(step, {"perf/checkpoint_s": blocked})
     if directory is not None:
-        w.metrics.flush()  # a launcher that copies the logs at each checkpoint copies them whole
+        trainer.metrics.flush()  # a launcher that copies the logs at each checkpoint copies them whole
         ctx.report(step, {"perf/checkpoint_s": blocked}, directory)
 
 
-def completed(w: Workspace, ctx: RunContext, done: Completed | None) -> None:
+def completed(trainer: Trainer, ctx: RunContext, done: Completed | None) -> None:
     """A background save just completed: reported like any checkpoint, with how long it took to write."""
     if done is None:
         return
-    w.metrics.scalars(done.step, {"perf/checkpoint_write_s": done.seconds})
-    w.metrics.flush()
+    trainer.metrics.scalars(done.step, {"perf/checkpoint_write_s": done.seconds})
+    trainer.metrics.flush()
     ctx.report(done.step, {"perf/checkpoint_write_s": done.seconds}, done.directory)
 
 
 @dataclass
-class Workspace:
-    """Everything the loop works with, built once by `setup`."""
+class Trainer:
+    """Everything the loop works with on this rank, built once by `setup`."""
 
     rank: int
     world: int
@@ -376,7 +383,7 @@ class Workspace:
     state: TrainState
 
 
-def setup(spec: TrainerSpec, ctx: RunContext) -> Workspace:
+def setup(spec: TrainerSpec, ctx: RunContext) -> Trainer:
     rank, world = distributed.init_distributed()
     log.info("worker rank %d of %d: pid %d on %s", rank, world, os.getpid(), socket.gethostname())
     seed_everything(spec.train.seed + rank)  # dropout differs per rank; what must agree is seeded apart
@@ -457,7 +464,7 @@ def setup(spec: TrainerSpec, ctx: RunContext) -> Workspace:
         shared=shared,
         # An adapter run's checkpoints hold what trains (adapter weights, their optimizer state), not the base.
         trainable_only=adapter is not None,
-        files=hf_files(lm, tokenizer, spec.model),
+        files=hf_files(lm, tokenizer, spec.model, spec.train.max_steps),
         about={"zero_stage": spec.deepspeed.zero_stage, "config": spec.resolved_config},
     )
     budget = AdaLoraBudget(lm) if adapter is not None and adapter.method == "adalora" else None
@@ -479,8 +486,6 @@ def setup(spec: TrainerSpec, ctx: RunContext) -> Workspace:
         log.warning("%s (same global batch, schedule and sample order)", message)
         ctx.report(state.step, {"cluster/workers": world, "message": message}, None)
     if not restored and rank == 0:
-        import yaml
-
         metrics.text(0, "config", "```yaml\n" + yaml.safe_dump(spec.resolved_config, sort_keys=False) + "```")
         metrics.text(
             0,
@@ -488,7 +493,7 @@ def setup(spec: TrainerSpec, ctx: RunContext) -> Workspace:
             f"{world} workers, {trainable:,} trainable and {frozen:,} frozen parameters, "
             f"MFU against {peak:.1f} TFLOP/s per device ({peak_source})",
         )
-    return Workspace(
+    return Trainer(
         rank=rank,
         world=world,
         device=distributed.device(),
@@ -523,11 +528,8 @@ def check_shards(base: str, manifest, mode: str, rank: int, world: int) -> None:
         raise problem or DataError(f"{base}: another worker found a damaged shard (its log names it)")
 
 
-def hf_files(lm, tokenizer, model_cfg: ModelConfig) -> dict[str, bytes]:
+def hf_files(lm, tokenizer, model_cfg: ModelConfig, total_steps: int) -> dict[str, bytes]:
     """The model's config and tokenizer files, stored in every checkpoint so export needs nothing else."""
-    import json
-    import tempfile
-
     files: dict[str, bytes] = {}
     base = getattr(lm, "get_base_model", lambda: lm)()
     with tempfile.TemporaryDirectory() as tmp:
@@ -539,24 +541,28 @@ def hf_files(lm, tokenizer, model_cfg: ModelConfig) -> dict[str, bytes]:
             files[p.name] = p.read_bytes()
     if model_cfg.adapter is not None:  # export rebuilds the adapter from this and the base model's source
         files["adapter.json"] = json.dumps(
-            {**asdict(model_cfg.adapter), "base": {"path": model_cfg.path, "gguf_file": model_cfg.gguf_file}}
+            {
+                **asdict(model_cfg.adapter),
+                "base": {"path": model_cfg.path, "gguf_file": model_cfg.gguf_file},
+                "total_steps": total_steps,
+            }
         ).encode()
     files["export.json"] = json.dumps({"dtype": model_cfg.dtype}).encode()
     return files
 
 
-def save_logits_probe(w: Workspace, spec: TrainerSpec) -> None:
+def save_logits_probe(trainer: Trainer, spec: TrainerSpec) -> None:
     """Logits of the model on the first validation micro-batch, for checking an export against the engine."""
-    mb = next(iter(w.val_loader))
-    w.engine.eval()
+    mb = next(iter(trainer.val_loader))
+    trainer.engine.eval()
     with torch.no_grad():
-        logits = w.lm(
-            input_ids=mb["input_ids"].to(w.device),
-            position_ids=mb["position_ids"].to(w.device),
+        logits = trainer.lm(
+            input_ids=mb["input_ids"].to(trainer.device),
+            position_ids=mb["position_ids"].to(trainer.device),
             use_cache=False,
         ).logits
-    w.engine.train()
-    if w.rank == 0:
+    trainer.engine.train()
+    if trainer.rank == 0:
         torch.save(
             {"batch": {k: mb[k] for k in ("input_ids", "position_ids")}, "logits": logits.float().cpu()},
             Path(spec.run_dir) / "logits_probe.pt",

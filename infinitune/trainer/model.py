@@ -1,9 +1,14 @@
 """Building the model: an HF causal LM (directory, hub id or GGUF), partitioned at creation under ZeRO-3,
-optionally wrapped with LoRA, inside a module whose forward returns the summed loss of the trained tokens."""
+optionally wrapped with LoRA, inside a module whose forward returns the summed loss of the trained tokens.
+
+transformers, peft and DeepSpeed are imported in the functions that use them, on purpose: DeepSpeed must not be
+imported before `distributed.prepare_environment` has chosen its accelerator, and the three take seconds to
+import, which the launcher and tools that need only this module's helpers do not pay."""
 
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import math
 from typing import Any
@@ -11,15 +16,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from infinitune.data_pipeline.template import IGNORE
 from infinitune.data_pipeline.tokenizer import resolve_model_source
-from infinitune.trainer.config import ADAPTER_METHODS, AdapterConfig, DeepSpeedConfig, ModelConfig
+from infinitune.trainer.config import ADAPTER_METHODS, DTYPES, AdapterConfig, DeepSpeedConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+EXPORT_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 
 # Architectures whose logits are exactly lm_head(final hidden state): for these the output layer runs only at
 # trained positions (with a 49k vocabulary it dominates a small model's step). Others take the full forward.
@@ -96,7 +102,6 @@ def chunked_head_loss(
     comes from the micro-batch's shape, which all ranks share, and a piece may be empty."""
     if chunks <= 1:
         return _head_loss(head, hidden, targets, cross_entropy)
-    from torch.utils.checkpoint import checkpoint
 
     parts = [
         checkpoint(_head_loss, head, h, t, cross_entropy, use_reentrant=False)
@@ -134,7 +139,6 @@ def cache_argument(module: nn.Module) -> str:
 
 @functools.cache
 def _cache_argument(cls: type) -> str:  # once per class: the prefix path asks at every training step
-    import inspect
 
     return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
@@ -257,7 +261,7 @@ def compile_layers(model, zero3: bool) -> None:
         set_z3_leaf_modules(model, list({type(layer) for layer in layers}))
         # DeepSpeed reduces a leaf module's gradients from a full backward hook on it, which torch fires before
         # the module's parameter gradients exist when none of its inputs needs a gradient: the first layer's,
-        # once an adapter freezes the embeddings (a crash in backward, found by the LoRA test).
+        # once an adapter freezes the embeddings (the backward pass then fails).
         model.enable_input_require_grads()
 
 

@@ -10,29 +10,30 @@ import time
 log = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request with a complete checkpoint; restart to continue
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-# Set by `install_process_handlers`, for loops that run off the main thread (Ray Train runs the training
-# function in a thread of its worker actor, whose main thread must install the handlers).
+# (when, signal name) of the first request this process received, whichever thread trains.
 _SIGNALLED: list[tuple[float, str]] = []
+# The handlers ours replaced, by signal, while `install_process_handlers` holds them.
 _PREVIOUS: dict = {}
 
 
-def install_process_handlers(signals=(signal.SIGTERM, signal.SIGUSR1)) -> None:
-    """From a process's main thread: record SIGTERM/SIGUSR1 for a Preemption in any thread of it."""
+def _handle(signum, frame=None) -> None:
+    """Record the first request; a second one goes to the process's own handler (Ray's: exit) when ours
+    replaced one through `install_process_handlers`, else it is ignored (the save is under way)."""
+    if _SIGNALLED:
+        if callable(_PREVIOUS.get(signum)):
+            _PREVIOUS[signum](signum, frame)
+        return
+    _SIGNALLED.append((time.monotonic(), signal.Signals(signum).name))
+    log.warning("%s received: saving at the next step boundary", signal.Signals(signum).name)
 
-    previous = {}
 
-    def handle(signum, frame=None) -> None:
-        if _SIGNALLED and callable(previous.get(signum)):  # asked twice: the process's own handling (exit)
-            previous[signum](signum, frame)
-            return
-        if not _SIGNALLED:
-            _SIGNALLED.append((time.monotonic(), signal.Signals(signum).name))
-            log.warning("%s received: saving at the next step boundary", signal.Signals(signum).name)
-
-    for sig in signals:
-        previous[sig] = signal.signal(sig, handle)
-    _PREVIOUS.update(previous)
+def install_process_handlers() -> None:
+    """From a process's main thread, for a loop that trains in another thread of it (Ray Train runs the training
+    function in a thread of its worker actor): record SIGTERM/SIGUSR1 for that loop's Preemption."""
+    for sig in SIGNALS:
+        _PREVIOUS[sig] = signal.signal(sig, _handle)
 
 
 def restore_process_handlers() -> None:
@@ -43,31 +44,27 @@ def restore_process_handlers() -> None:
 
 
 class Preemption:
-    """Sets a flag on SIGTERM/SIGUSR1; `known()` says whether this rank got one, `agree()` takes whether any did."""
+    """Whether a preemption was requested: `known()` says whether this rank knows of one, `agree()` takes whether
+    any rank did. On the main thread it installs the signal handler itself."""
 
-    def __init__(self, grace_s: float, signals=(signal.SIGTERM, signal.SIGUSR1)):
+    def __init__(self, grace_s: float):
         self.grace_s = grace_s
         self.received_at: float | None = None
         self.signal_name = ""
         if threading.current_thread() is threading.main_thread():
-            for sig in signals:
-                signal.signal(sig, self.handle)
-        else:  # signals reach the main thread only: its owner installs install_process_handlers
+            _SIGNALLED.clear()  # a request recorded before belongs to an earlier run in this process
+            for sig in SIGNALS:
+                signal.signal(sig, _handle)
+        else:  # signals reach the main thread only: its owner calls install_process_handlers
             log.info("training off the main thread: preemption signals come through install_process_handlers")
-
-    def handle(self, signum, frame=None) -> None:
-        if self.received_at is None:
-            self.received_at = time.monotonic()
-            self.signal_name = signal.Signals(signum).name
-            log.warning("%s received: saving at the next step boundary", self.signal_name)
 
     def known(self, elsewhere: bool = False) -> bool:
         """Whether this rank knows of a request: a signal, or its launcher's notice (`elsewhere`). Not a
         collective: the loop sums it over ranks with the step's other numbers and passes the sum to `agree`."""
-        if elsewhere and self.received_at is None:
-            self.received_at, self.signal_name = time.monotonic(), "preemption notice"
-        if _SIGNALLED and self.received_at is None:
+        if self.received_at is None and _SIGNALLED:
             self.received_at, self.signal_name = _SIGNALLED[0]
+        if self.received_at is None and elsewhere:
+            self.received_at, self.signal_name = time.monotonic(), "preemption notice"
         return self.received_at is not None
 
     def agree(self, anywhere: bool) -> bool:

@@ -25,6 +25,8 @@ from infinitune.trainer.config import (
     ModelConfig,
     TrainConfig,
 )
+from infinitune.trainer.context import RunContext
+from infinitune.trainer.loop import TrainerSpec, train
 from infinitune.typed_config import from_dict
 
 SECTIONS = {
@@ -39,8 +41,6 @@ SECTIONS = {
 
 def spec_from_dict(config: dict[str, Any], run_dir: str | os.PathLike):
     """A TrainerSpec from a resolved job config: each section built by its own type."""
-    from infinitune.trainer.loop import TrainerSpec
-
     sections = {name: from_dict(cls, config.get(name) or {}, name) for name, cls in SECTIONS.items()}
     return TrainerSpec(**sections, run_dir=str(run_dir), resolved_config=config)
 
@@ -72,8 +72,6 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(int(os.environ.get("RANK", "0")))
     config = yaml.safe_load(Path(args.config).read_text(encoding="utf-8"))
     spec = spec_from_dict(config, args.run_dir or Path(args.config).resolve().parent)
-    from infinitune.trainer.context import RunContext
-    from infinitune.trainer.loop import train
 
     code = train(spec, RunContext())
     import torch.distributed as dist

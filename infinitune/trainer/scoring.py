@@ -11,7 +11,7 @@ from typing import Any
 GENERATION_METRICS = ("exact_match", "rouge_l", "bleu")
 METRICS = (*GENERATION_METRICS, "loss")
 # Which way is better, for early stopping and for `compare`.
-HIGHER_IS_BETTER = {"exact_match": True, "rouge_l": True, "bleu": True, "loss": False, "ppl": False}
+HIGHER_IS_BETTER = {**dict.fromkeys(GENERATION_METRICS, True), "loss": False, "ppl": False}
 
 
 def parse_metrics(text: str | Sequence[str], key: str = "--metrics") -> list[str]:

@@ -53,6 +53,7 @@ bench: $(STAMP)
 
 docs: $(STAMP)
 	$(BIN)/infinitune config > docs/config.md
+	$(BIN)/infinitune config --schema > docs/config.schema.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

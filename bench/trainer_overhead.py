@@ -2,7 +2,7 @@
 optimizer, one process, on this CPU; a ratio measured in one run.
 
 The plain loop: HF model, `model(input_ids, position_ids=..., labels=...).loss`, backward, torch AdamW step,
-batches prepared in memory beforehand. Ours: the real worker (`python -m infinitune.trainer.run`, world size
+batches prepared in memory beforehand. Ours: the real worker (`python -m infinitune.launcher.worker`, world size
 1) with its data stream, DeepSpeed engine (ZeRO stage 0, then 3), metrics and all; its per-step
 perf/trained_tokens_per_s from metrics.jsonl. Steps after the first few are compared by their median.
 

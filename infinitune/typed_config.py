@@ -1,30 +1,27 @@
-"""Typed configuration: plain dataclasses, checked when built from YAML.
+"""Typed configuration on pydantic v2: every component owns a `Section`, built and checked from YAML.
 
-Every component owns a small dataclass whose fields carry a docstring (a string literal right under the
-field, as torchtitan and litgpt write them). Those docstrings are read back with `ast` and become the CLI
-help and the generated config reference, so the documentation cannot drift from the code.
+A section's fields carry a docstring (a string literal right under the field, as torchtitan and litgpt write
+them); pydantic reads them back (`use_attribute_docstrings`) and they become the CLI help, the generated config
+reference and the JSON Schema's descriptions, so the documentation cannot drift from the code.
 
-`from_dict` builds a dataclass from plain data (parsed YAML) and refuses, naming the full key path:
-unknown keys (with a close-match suggestion), values of the wrong type, and values that `__post_init__`
-rejects. Nothing here knows about any particular component.
+Values are taken as YAML gives them (pydantic's strict mode: no "5" for an integer, no "yes" for true), with
+two allowances for what a YAML user means: a number written `2e-5` (a string to YAML 1.1) for a float, and a
+number for a string. Every refusal is a `ConfigError` naming the full key path: unknown keys (with a
+close-match suggestion), values of the wrong type, and rules between fields (`Section.check`).
 """
 
 from __future__ import annotations
 
-import ast
 import copy
-import dataclasses
 import difflib
-import functools
-import inspect
-import itertools
-import textwrap
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Union
 
 import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticUndefined
 
 
 class ConfigError(ValueError):
@@ -46,159 +43,198 @@ class ConfigError(ValueError):
 
 
 def require(condition: bool, key: str, message: str) -> None:
-    """For `__post_init__`: raise a ConfigError on field `key` unless `condition` holds."""
+    """For `Section.check`: raise a ConfigError on field `key` unless `condition` holds."""
     if not condition:
         raise ConfigError(key, message)
 
 
-@functools.cache
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring written under each field of dataclass `cls` (and of its dataclass bases)."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass) or klass is object:
-            continue
+class Section(BaseModel):
+    """A config section: unknown keys refused, types as YAML writes them, field docstrings as descriptions.
+    Rules between fields go in `check`, with `require`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
+
+    def __init__(self, **data: Any):
         try:
-            source = textwrap.dedent(inspect.getsource(klass))
-        except (OSError, TypeError):  # no source (frozen app): help text is simply absent
-            continue
-        body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
-        for node, following in itertools.pairwise(body):
-            if (
-                isinstance(node, ast.AnnAssign)
-                and isinstance(node.target, ast.Name)
-                and isinstance(following, ast.Expr)
-                and isinstance(following.value, ast.Constant)
-                and isinstance(following.value.value, str)
-            ):
-                docs[node.target.id] = inspect.cleandoc(following.value.value)
-    return docs
+            super().__init__(**data)
+        except ValidationError as e:
+            raise _config_error(type(self), e) from None
+
+    def model_post_init(self, context: Any) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Rules between fields; raise ConfigError (`require`) naming the field."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _as_yaml_means(cls, value: Any, info: ValidationInfo) -> Any:
+        allowed = _leaf_types(cls.model_fields[info.field_name].annotation)
+        if isinstance(value, str) and float in allowed and str not in allowed:
+            try:  # YAML 1.1 reads `2e-5` (no dot) as a string; a user writing it means a number
+                return float(value)
+            except ValueError:
+                return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and allowed == {str}:
+            return str(value)
+        return value
 
 
-def _type_name(tp: Any) -> str:
+def _leaf_types(tp: Any) -> set:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return {t for arg in typing.get_args(tp) for t in _leaf_types(arg)}
+    return {tp}
+
+
+def from_dict(cls: type[Section], data: Mapping[str, Any] | None, key: str = "") -> Any:
+    """Build section `cls` from plain data, refusing unknown keys and bad values with their key path."""
+    if data is not None and not isinstance(data, Mapping):
+        raise ConfigError(key, f"expected a mapping of {cls.__name__} fields, got {data!r}")
+    try:
+        return cls.model_validate(dict(data or {}))
+    except ValidationError as e:
+        raise _config_error(cls, e).under(key) from None
+
+
+def _config_error(cls: type[BaseModel], error: ValidationError) -> ConfigError:
+    """The first of pydantic's errors, as a ConfigError with its dotted key path and our wording."""
+    first = error.errors(include_url=False)[0]
+    path, section, annotation = [], cls, None
+    loc, kind = first["loc"], first["type"]
+    for i, part in enumerate(loc):
+        if kind == "extra_forbidden" and i == len(loc) - 1:
+            path.append(str(part))  # the unknown key itself
+            break
+        if isinstance(section, type) and issubclass(section, BaseModel) and part in section.model_fields:
+            annotation = section.model_fields[part].annotation
+        elif isinstance(part, int) or (annotation is not None and _mapping_value(annotation) is not None):
+            annotation = _item_type(annotation)
+        else:
+            continue  # a union member's tag, not a key
+        path.append(str(part))
+        section = _model_in(annotation)
+    key, value = ".".join(path), first.get("input")
+    cause = (first.get("ctx") or {}).get("error")
+    if isinstance(cause, ConfigError):
+        return cause.under(key)
+    if kind == "extra_forbidden":
+        parent = _model_at(cls, path[:-1])
+        known = list(parent.model_fields) if parent else []
+        hint = difflib.get_close_matches(path[-1], known, n=1)
+        extra = f" Did you mean {hint[0]!r}?" if hint else ""
+        return ConfigError(key, f"unknown key.{extra} Known keys here: {', '.join(known)}.")
+    if kind == "missing":
+        parent = _model_at(cls, path[:-1])
+        doc = parent.model_fields[path[-1]].description if parent else ""
+        return ConfigError(key, f"required key is missing. {doc or ''}".strip())
+    if kind == "literal_error":
+        choices = typing.get_args(_strip_optional(annotation))
+        hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+        return ConfigError(key, f"must be one of {', '.join(repr(c) for c in choices)}; got {value!r}{extra}")
+    expected = {
+        "int_type": "an integer",
+        "int_from_float": "an integer",
+        "float_type": "a number",
+        "bool_type": "true or false",
+        "string_type": "a string",
+        "list_type": "a list",
+        "dict_type": "a mapping",
+        "model_type": "a mapping",
+    }.get(kind)
+    if expected is None and annotation is not None:
+        expected = type_name(annotation)
+    return ConfigError(key, f"expected {expected}, got {value!r}" if expected else first["msg"])
+
+
+def _strip_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else tp
+    return tp
+
+
+def _mapping_value(tp: Any) -> Any:
+    tp = _strip_optional(tp)
+    return typing.get_args(tp)[1] if typing.get_origin(tp) in (dict, Mapping) else None
+
+
+def _item_type(tp: Any) -> Any:
+    tp = _strip_optional(tp)
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (dict, Mapping):
+        return args[1]
+    for arg in args:  # list[X], or a union holding one
+        if typing.get_origin(arg) in (list, Sequence):
+            return typing.get_args(arg)[0]
+    return args[0] if args else Any
+
+
+def _model_in(tp: Any) -> type[BaseModel] | None:
+    for t in (tp, _strip_optional(tp), *typing.get_args(_strip_optional(tp))):
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            return t
+    return None
+
+
+def _model_at(cls: type[BaseModel], path: list[str]) -> type[BaseModel] | None:
+    section: Any = cls
+    for part in path:
+        if section is not None and part in section.model_fields:
+            tp = section.model_fields[part].annotation
+            section = _model_in(tp) or _model_in(_item_type(tp))
+    return section
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain data (for YAML and JSON) from a config section."""
+    return obj.model_dump() if isinstance(obj, BaseModel) else obj
+
+
+def json_schema(cls: type[Section]) -> dict[str, Any]:
+    """The JSON Schema of a config (editors complete and check YAML with it)."""
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **cls.model_json_schema()}
+
+
+def type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if origin in (Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+        return " | ".join(type_name(a) for a in typing.get_args(tp))
     if origin in (list, Sequence):
         (item,) = typing.get_args(tp) or (Any,)
-        return f"list of {_type_name(item)}"
-    if origin in (dict, Mapping):
+        return f"list of {type_name(item)}"
+    if origin in (dict, Mapping) or (isinstance(tp, type) and issubclass(tp, BaseModel)):
         return "mapping"
     if tp is type(None):
         return "null"
-    if dataclasses.is_dataclass(tp):
-        return "mapping"
     return getattr(tp, "__name__", str(tp))
 
 
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`; return it (converted where that is lossless)."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, key)
-            except ConfigError as e:
-                errors.append(e)
-        if len(errors) == 1:
-            raise errors[0]
-        raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value in choices and type(value) in {type(c) for c in choices}:
-            return value
-        hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-        raise ConfigError(key, f"must be one of {', '.join(repr(c) for c in choices)}; got {value!r}{extra}")
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, Mapping):
-            raise ConfigError(key, f"expected a mapping of {tp.__name__} fields, got {value!r}")
-        return from_dict(tp, value, key)
-    if origin in (list, Sequence):
-        (item,) = typing.get_args(tp) or (Any,)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(key, f"expected a list, got {value!r}")
-        return [_convert(v, item, f"{key}.{i}") for i, v in enumerate(value)]
-    if origin in (dict, Mapping):
-        key_tp, val_tp = typing.get_args(tp) or (Any, Any)
-        if not isinstance(value, Mapping):
-            raise ConfigError(key, f"expected a mapping, got {value!r}")
-        return {_convert(k, key_tp, key): _convert(v, val_tp, f"{key}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(key, f"expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(key, f"expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            # YAML 1.1 reads `2e-5` (no dot) as a string; a user writing it means a number.
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(key, f"expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(key, f"expected a string, got {value!r}")
-    if isinstance(tp, type) and isinstance(value, tp):
-        return value
-    raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
+def field_docs(cls: type[Section]) -> dict[str, str]:
+    """The docstring written under each field of section `cls`."""
+    return {name: f.description or "" for name, f in cls.model_fields.items()}
 
 
-def from_dict(cls: type, data: Mapping[str, Any] | None, key: str = "") -> Any:
-    """Build dataclass `cls` from `data`, refusing unknown keys and bad values with their key path."""
-    data = dict(data or {})
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = [k for k in data if k not in fields]
-    if unknown:
-        name = unknown[0]
-        hint = difflib.get_close_matches(str(name), list(fields), n=1)
-        extra = f" Did you mean {hint[0]!r}?" if hint else ""
-        full = f"{key}.{name}" if key else str(name)
-        raise ConfigError(full, f"unknown key.{extra} Known keys here: {', '.join(fields)}.")
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for name, value in data.items():
-        kwargs[name] = _convert(value, hints[name], f"{key}.{name}" if key else name)
-    missing = [
-        n
-        for n, f in fields.items()
-        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
-    if missing:
-        full = f"{key}.{missing[0]}" if key else missing[0]
-        raise ConfigError(full, f"required key is missing. {field_docs(cls).get(missing[0], '')}".strip())
-    try:
-        return cls(**kwargs)
-    except ConfigError as e:
-        raise e.under(key) from None
-
-
-def to_dict(obj: Any) -> Any:
-    """Plain data (for YAML and JSON) from a config dataclass."""
-    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+def describe(cls: type[Section], prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key path, type, default, help) for every field of `cls`, recursing into nested sections."""
+    rows = []
+    for name, f in cls.model_fields.items():
+        path = f"{prefix}{name}"
+        if f.default is not PydanticUndefined:
+            default = repr(f.default) if f.default is not None else "null"
+        elif f.default_factory is not None:
+            made = f.default_factory()  # type: ignore[call-arg]
+            default = "see below" if isinstance(made, BaseModel) else repr(made)
+        else:
+            default = "(required)"
+        rows.append((path, type_name(f.annotation), default, f.description or ""))
+        inner = _model_in(f.annotation) or _model_in(_item_type(f.annotation))
+        if inner is not None:
+            listed = typing.get_origin(_strip_optional(f.annotation)) in (list, Sequence)
+            rows.extend(describe(inner, f"{path}[]." if listed else f"{path}."))
+    return rows
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -242,25 +278,3 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         else:
             node[last] = value
     return data
-
-
-def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """(key path, type, default, help) for every field of `cls`, recursing into nested sections."""
-    rows = []
-    docs = field_docs(cls)
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        path = f"{prefix}{f.name}"
-        if f.default is not dataclasses.MISSING:
-            default = repr(f.default) if f.default is not None else "null"
-        elif f.default_factory is not dataclasses.MISSING:
-            made = f.default_factory()
-            default = "see below" if dataclasses.is_dataclass(made) else repr(to_dict(made))
-        else:
-            default = "(required)"
-        rows.append((path, _type_name(tp), default, docs.get(f.name, "")))
-        inner = [a for a in (tp, *typing.get_args(tp)) if dataclasses.is_dataclass(a)]
-        if inner:
-            rows.extend(describe(inner[0], f"{path}[]." if typing.get_origin(tp) is list else f"{path}."))
-    return rows

@@ -213,7 +213,7 @@ def test_a_deterministic_worker_error_ends_the_job_at_once(
     cfg = load_job_config(config)
     started = time.monotonic()
     with pytest.raises(JobFailed) as failed:
-        run_job(cfg.to_dict(), run_dir_of(config), cfg.cluster, 2, STEPS)
+        run_job(cfg.trainer_spec(run_dir_of(config)), cfg.cluster)
     message = str(failed.value)
     assert "training failed at once (a restart would fail the same way)" in message
     assert "DataError" in message and "needs a validation split and these shards have none" in message

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -213,3 +215,49 @@ def test_a_config_held_by_an_environment_variable_loads_as_a_file_would(tmp_path
     monkeypatch.setenv("INFINITUNE_TEST_CONFIG", "train: {lr: [")
     with pytest.raises(ConfigError, match="env:INFINITUNE_TEST_CONFIG: not valid YAML"):
         load_job_config("env:INFINITUNE_TEST_CONFIG")
+
+
+def test_the_json_schema_is_current_and_checks_every_shipped_config():
+    """`infinitune config --schema` is docs/config.schema.json, which every shipped config names for editors and
+    passes; a misspelt key or a wrong type fails it, as it fails the loader."""
+    import jsonschema
+
+    out = subprocess.run(
+        [sys.executable, "-m", "infinitune.launcher.cli", "config", "--schema"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert (REPO / "docs" / "config.schema.json").read_text() == out, (
+        "regenerate: infinitune config --schema > docs/config.schema.json"
+    )
+    schema = json.loads(out)
+    validator = jsonschema.Draft202012Validator(schema)
+    configs = sorted((REPO / "configs").glob("*.yaml"))
+    assert len(configs) >= 5
+    for path in configs:
+        text = path.read_text()
+        assert text.startswith("# yaml-language-server: $schema=../docs/config.schema.json\n"), path
+        errors = [e.message for e in validator.iter_errors(yaml.safe_load(text))]
+        assert not errors, (path.name, errors)
+        load_job_config(path)  # and the loader agrees
+    quickstart = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
+    misspelt = {**quickstart, "train": {**quickstart["train"], "learning_rate": 1e-4}}
+    assert any("learning_rate" in e.message for e in validator.iter_errors(misspelt))
+    wrong_type = {**quickstart, "data": {**quickstart["data"], "packing": "maybe"}}
+    assert [e.json_path for e in validator.iter_errors(wrong_type)] == ["$.data.packing"]
+
+
+def test_the_worker_entry_point_checks_the_whole_config(tmp_path):
+    """Under torchrun the worker loads the job config whole: a rule between sections refuses it (exit 2)."""
+    path = _write(tmp_path, BASE)
+    bad = yaml.safe_load(path.read_text())
+    bad["model"]["adapter"] = {"method": "adalora"}
+    bad["deepspeed"] = {"zero_stage": 3}
+    path.write_text(yaml.safe_dump(bad))
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "infinitune.launcher.worker", str(path)], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "model.adapter.method" in done.stderr and "zero_stage" in done.stderr

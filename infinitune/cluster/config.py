@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from infinitune.trainer.plan import GPUS
-from infinitune.typed_config import require
+from infinitune.typed_config import Section, require
 
 
-@dataclass
-class ClusterConfig:
+class ClusterConfig(Section):
     """Ray: the cluster to use and the workers to start on it."""
 
     address: str | None = None
@@ -64,7 +61,7 @@ class ClusterConfig:
     object_store_memory_mb: int = 512
     """Object store size for an embedded Ray."""
 
-    def __post_init__(self):
+    def check(self) -> None:
         if isinstance(self.num_workers, list):
             require(
                 len(self.num_workers) == 2 and 0 < self.num_workers[0] <= self.num_workers[1],

@@ -44,7 +44,8 @@ from infinitune.trainer.checkpoint_format import COMPLETE, checkpoint_problem
 from infinitune.trainer.context import RunContext
 from infinitune.trainer.loop import train
 from infinitune.trainer.preemption import EXIT_PREEMPTED, install_process_handlers, restore_process_handlers
-from infinitune.trainer.run import configure_logging, spec_from_dict
+from infinitune.trainer.process import configure_logging
+from infinitune.trainer.spec import TrainerSpec
 from infinitune.trainer.storage import upload
 from infinitune.typed_config import ConfigError
 
@@ -301,10 +302,11 @@ class RayContext(RunContext):
 def _train_fn(config: dict[str, Any]) -> None:
     """The training function on each Ray worker."""
     rank = ray.train.get_context().get_world_rank()
-    configure_logging(rank, Path(config["run_dir"]) / "logs" / f"rank{rank}.log")
-    context = RayContext(config.get("progress"), Path(config["run_dir"]), config.get("storage"), config.get("stop"))
+    spec: TrainerSpec = config["spec"]
+    configure_logging(rank, Path(spec.run_dir) / "logs" / f"rank{rank}.log")
+    context = RayContext(config.get("progress"), Path(spec.run_dir), config.get("storage"), config.get("stop"))
     try:
-        code = train(spec_from_dict(config["job"], config["run_dir"]), context)
+        code = train(spec, context)
     except DETERMINISTIC as e:
         if not restart_cannot_fix(e):
             raise
@@ -321,16 +323,10 @@ def _train_fn(config: dict[str, Any]) -> None:
         raise RuntimeError("preempted: a complete checkpoint was saved; restarting from it")
 
 
-def run_job(
-    job: dict[str, Any],
-    run_dir: Path,
-    cluster: ClusterConfig,
-    keep_last: int,
-    total_steps: int,
-    storage: str | None = None,
-) -> int:
-    """Run the resolved job on Ray until it ends; returns 0, or raises JobFailed with what to do. Checkpoints
-    go to RUN_DIR/checkpoints, or to STORAGE/checkpoints when `storage` (a URI) is given."""
+def run_job(spec: TrainerSpec, cluster: ClusterConfig, storage: str | None = None) -> int:
+    """Run the job on Ray until it ends; returns 0, or raises JobFailed with what to do. Checkpoints go to
+    RUN_DIR/checkpoints, or to STORAGE/checkpoints when `storage` (a URI) is given."""
+    run_dir = Path(spec.run_dir)
     started = connect(cluster)
     try:
         if storage is None:
@@ -349,8 +345,7 @@ def run_job(
     trainer = TorchTrainer(
         _train_fn,
         train_loop_config={
-            "job": job,
-            "run_dir": str(run_dir),
+            "spec": spec,
             "storage": storage,
             "progress": progress,
             "stop": stop,
@@ -366,13 +361,13 @@ def run_job(
         run_config=RunConfig(
             name="checkpoints",
             storage_path=storage or str(run_dir.resolve()),
-            checkpoint_config=CheckpointConfig(num_to_keep=keep_last),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep_last),
             failure_config=FailureConfig(max_failures=cluster.max_failures),
             callbacks=_worker_callbacks(),
         ),
     )
     done = threading.Event()
-    bar = threading.Thread(target=_show_progress, args=(progress, total_steps, done), daemon=True)
+    bar = threading.Thread(target=_show_progress, args=(progress, spec.train.max_steps, done), daemon=True)
     bar.start()
     previous = _stop_on_signals(stop)
     try:

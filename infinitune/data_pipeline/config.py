@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Literal
 
+from pydantic import Field
+
 from infinitune.data_pipeline.formats import REPAIRS
-from infinitune.typed_config import require
+from infinitune.typed_config import Section, require
 
 Format = Literal["auto", "alpaca", "sharegpt", "messages"]
 
 
-@dataclass
-class SourceConfig:
+class SourceConfig(Section):
     """One input source; several are mixed by weight."""
 
     path: str
@@ -29,19 +29,19 @@ class SourceConfig:
     split: str = "train"
     """The split to read when `path` is a dataset name or a saved dataset with several splits."""
 
-    columns: dict[str, str] = field(default_factory=dict)
+    columns: dict[str, str] = Field(default_factory=dict)
     """Rename record fields before detection, e.g. {prompt: instruction, response: output}."""
 
-    roles: dict[str, str] = field(default_factory=dict)
+    roles: dict[str, str] = Field(default_factory=dict)
     """Extra role names and what they mean (system, user, assistant or tool), e.g. {narrator: system}."""
 
-    repairs: list[str] = field(default_factory=lambda: ["leading_assistant", "merge_consecutive"])
+    repairs: list[str] = Field(default_factory=lambda: ["leading_assistant", "merge_consecutive"])
     """Conversations (sharegpt, messages) whose turn order is repaired instead of refused, each repaired record
     counted by repair in the manifest and listed in repaired.jsonl: leading_assistant (assistant or tool turns
     before the first user turn are dropped: the scrape lost the question), merge_consecutive (two user turns, or
     two assistant turns, in a row become one, joined by a blank line). [] refuses such conversations."""
 
-    def __post_init__(self):
+    def check(self) -> None:
         require(bool(self.path.strip()), "path", "must name a file, directory or dataset")
         require(0 < self.weight <= 100, "weight", f"must be in (0, 100]; got {self.weight}")
         for name in self.repairs:
@@ -51,11 +51,10 @@ class SourceConfig:
             require(role in allowed, f"roles.{name}", f"must be one of {sorted(allowed)}; got {role!r}")
 
 
-@dataclass
-class DataConfig:
+class DataConfig(Section):
     """Instruction data: sources, templating and masking, packing, shards and the training stream."""
 
-    sources: list[SourceConfig] = field(default_factory=list)
+    sources: list[SourceConfig] = Field(default_factory=list)
     """Input sources, mixed by their weights."""
 
     seq_len: int = 1024
@@ -107,7 +106,7 @@ class DataConfig:
     verify: Literal["sha256", "size", "none"] = "sha256"
     """How shards are checked against the manifest before training: full checksum, size only, or not."""
 
-    def __post_init__(self):
+    def check(self) -> None:
         require(len(self.sources) > 0, "sources", "list at least one source, e.g. [{path: data/train.jsonl}]")
         require(8 <= self.seq_len <= 1_048_576, "seq_len", f"must be in [8, 1048576]; got {self.seq_len}")
         require(0 <= self.val_fraction < 1, "val_fraction", f"must be in [0, 1); got {self.val_fraction}")

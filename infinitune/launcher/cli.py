@@ -133,7 +133,7 @@ def _run_locked(cfg, run_dir: Path, local: bool) -> int:
         from infinitune.cluster.ray_job import JobFailed, run_job
 
         try:
-            code = run_job(cfg.to_dict(), run_dir, cfg.cluster, cfg.checkpoint.keep_last, cfg.train.max_steps, storage)
+            code = run_job(cfg.trainer_spec(run_dir), cfg.cluster, storage)
         except JobFailed as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
@@ -294,9 +294,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from infinitune.launcher.job_config import JobConfig, check_against_model, load_job_config
-    from infinitune.typed_config import describe
+    import json
 
+    from infinitune.launcher.job_config import JobConfig, check_against_model, load_job_config
+    from infinitune.typed_config import describe, json_schema
+
+    if args.schema:
+        print(json.dumps(json_schema(JobConfig), indent=1))
+        return 0
     if args.config is None:
         print(config_reference(JobConfig, describe))
         return 0
@@ -445,6 +450,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", default=None, help="a YAML job config to check and print resolved")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--check-model", action="store_true", help="also check against the model's config")
+    p.add_argument(
+        "--schema",
+        action="store_true",
+        help="print the JSON Schema of a job config instead (docs/config.schema.json; editors check YAML with it)",
+    )
     p.set_defaults(func=cmd_config)
 
     from infinitune.trainer.plan import GPUS

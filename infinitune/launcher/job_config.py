@@ -6,14 +6,13 @@ unknown keys, types, values, how sections fit together, and (when asked) the mod
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import Field
 
 from infinitune.cluster.config import ClusterConfig
 from infinitune.data_pipeline.config import DataConfig
@@ -26,8 +25,9 @@ from infinitune.trainer.config import (
     TrainConfig,
 )
 from infinitune.trainer.plan import ModelShape, known_config, make_plan
+from infinitune.trainer.spec import TrainerSpec
 from infinitune.trainer.storage import is_uri
-from infinitune.typed_config import ConfigError, apply_overrides, from_dict, require, to_dict
+from infinitune.typed_config import ConfigError, Section, apply_overrides, from_dict, require, to_dict
 
 
 def check_batch_fits(global_batch: int, micro_batch: int, workers: int) -> None:
@@ -48,8 +48,7 @@ def check_batch_fits(global_batch: int, micro_batch: int, workers: int) -> None:
     )
 
 
-@dataclass
-class JobConfig:
+class JobConfig(Section):
     """A fine-tuning job. Each component receives only its own section."""
 
     name: str
@@ -61,22 +60,22 @@ class JobConfig:
     data: DataConfig
     """Instruction data, shards and the stream."""
 
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
     """Optimisation."""
 
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     """DeepSpeed ZeRO settings."""
 
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     """Resumable checkpoints."""
 
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     """Ray cluster and workers."""
 
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
     """TensorBoard and console reporting."""
 
-    def __post_init__(self):
+    def check(self) -> None:
         require(
             bool(self.name) and "/" not in self.name and self.name not in (".", ".."),
             "name",
@@ -113,6 +112,20 @@ class JobConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
+
+    def trainer_spec(self, run_dir: str | os.PathLike) -> TrainerSpec:
+        """What each worker's loop receives: the sections it uses, the run directory, the whole resolved config
+        (saved into checkpoints and TensorBoard)."""
+        return TrainerSpec(
+            model=self.model,
+            data=self.data,
+            train=self.train,
+            deepspeed=self.deepspeed,
+            checkpoint=self.checkpoint,
+            logging=self.logging,
+            run_dir=str(run_dir),
+            resolved_config=self.to_dict(),
+        )
 
 
 def load_job_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
@@ -161,21 +174,23 @@ def absolute_paths(cfg: JobConfig) -> JobConfig:
         except OSError:  # not a path at all (an inline chat template, say)
             return path
 
-    data = dataclasses.replace(
-        cfg.data,
-        sources=[dataclasses.replace(s, path=resolve(s.path, True)) for s in cfg.data.sources],
-        shards_dir=resolve(cfg.data.shards_dir, False),
-        chat_template=resolve(cfg.data.chat_template, True) if cfg.data.chat_template else None,
+    data = cfg.data.model_copy(
+        update={
+            "sources": [s.model_copy(update={"path": resolve(s.path, True)}) for s in cfg.data.sources],
+            "shards_dir": resolve(cfg.data.shards_dir, False),
+            "chat_template": resolve(cfg.data.chat_template, True) if cfg.data.chat_template else None,
+        }
     )
-    model = dataclasses.replace(
-        cfg.model, path=resolve(cfg.model.path, True), tokenizer=resolve(cfg.model.tokenizer, True)
+    model = cfg.model.model_copy(
+        update={"path": resolve(cfg.model.path, True), "tokenizer": resolve(cfg.model.tokenizer, True)}
     )
-    cluster = dataclasses.replace(
-        cfg.cluster,
-        storage_path=resolve(cfg.cluster.storage_path, False),
-        local_dir=resolve(cfg.cluster.local_dir, False),
+    cluster = cfg.cluster.model_copy(
+        update={
+            "storage_path": resolve(cfg.cluster.storage_path, False),
+            "local_dir": resolve(cfg.cluster.local_dir, False),
+        }
     )
-    return dataclasses.replace(cfg, data=data, model=model, cluster=cluster)
+    return cfg.model_copy(update={"data": data, "model": model, "cluster": cluster})
 
 
 def run_location(cfg: JobConfig) -> tuple[Path, str | None]:

@@ -1,5 +1,5 @@
 """Running the workers as plain processes on this machine (what torchrun does, minus its restarts): each
-gets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT and runs `python -m infinitune.trainer.run`."""
+gets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT and runs `python -m infinitune.launcher.worker`."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def start_workers(
             out = open(Path(log_dir) / f"rank{rank}.log", "ab")  # noqa: SIM115 - handed to the child
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "infinitune.trainer.run", str(config_path)],
+                [sys.executable, "-m", "infinitune.launcher.worker", str(config_path)],
                 env=worker_env,
                 stdout=out,
                 stderr=subprocess.STDOUT if out else None,

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Literal, get_args
 
+from pydantic import Field
+
 from infinitune.trainer.scoring import GENERATION_METRICS
-from infinitune.typed_config import require
+from infinitune.typed_config import Section, require
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 DTYPES: tuple[str, ...] = get_args(Dtype)
@@ -16,8 +17,7 @@ ADAPTER_METHODS = ("lora", "adalora", "prefix", "ia3")
 MERGEABLE = frozenset({"lora", "adalora", "ia3"})  # folded into the base weights at export
 
 
-@dataclass
-class AdapterConfig:
+class AdapterConfig(Section):
     """A `peft` adapter: only its weights train (and are checkpointed), the base model stays frozen. LoRA,
     AdaLoRA and IA3 are merged into the base weights at export; prefix tuning is exported as a peft adapter
     directory beside the base model."""
@@ -36,7 +36,7 @@ class AdapterConfig:
     dropout: float = 0.05
     """LoRA and AdaLoRA: dropout on the adapter input."""
 
-    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    target_modules: list[str] = Field(default_factory=lambda: ["all-linear"])
     """LoRA, AdaLoRA, IA3: module names to adapt (e.g. [q_proj, v_proj]), or [all-linear]."""
 
     init_r: int = 24
@@ -45,11 +45,11 @@ class AdapterConfig:
     num_virtual_tokens: int = 16
     """Prefix tuning: length of the trained prefix."""
 
-    feedforward_modules: list[str] = field(default_factory=list)
+    feedforward_modules: list[str] = Field(default_factory=list)
     """IA3: which of target_modules rescale their input rather than their output (the MLP's down projection,
     typically); empty: every target named like an MLP projection (down_proj, fc2, c_proj, w2)."""
 
-    def __post_init__(self):
+    def check(self) -> None:
         require(self.r > 0, "r", f"must be positive; got {self.r}")
         require(self.alpha > 0, "alpha", f"must be positive; got {self.alpha}")
         require(0 <= self.dropout < 1, "dropout", f"must be in [0, 1); got {self.dropout}")
@@ -61,8 +61,7 @@ class AdapterConfig:
             require(not extra, "feedforward_modules", f"{extra} are not in target_modules")
 
 
-@dataclass
-class ModelConfig:
+class ModelConfig(Section):
     """The model to fine-tune and how it is built."""
 
     path: str
@@ -108,13 +107,12 @@ class ModelConfig:
     max_position_embeddings: int | None = None
     """The model's context length, when it cannot be read from its config (checked against data.seq_len)."""
 
-    def __post_init__(self):
+    def check(self) -> None:
         require(bool(self.path.strip()), "path", "must name a model directory, .gguf file or hub id")
         require(self.loss_chunk_tokens >= 0, "loss_chunk_tokens", f"must be >= 0; got {self.loss_chunk_tokens}")
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(Section):
     """Optimisation: batch, steps, learning rate and its schedule."""
 
     global_batch_size: int = 8
@@ -141,7 +139,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     """AdamW weight decay."""
 
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    betas: list[float] = Field(default_factory=lambda: [0.9, 0.95])
     """AdamW betas."""
 
     max_grad_norm: float = 1.0
@@ -161,7 +159,7 @@ class TrainConfig:
     """Validation tasks answered greedily at each evaluation (the same ones each time): scored by
     eval_metrics, and a few logged in full as TensorBoard text."""
 
-    eval_metrics: list[str] = field(default_factory=lambda: list(GENERATION_METRICS))
+    eval_metrics: list[str] = Field(default_factory=lambda: list(GENERATION_METRICS))
     """Scores of the generated answers against the references, written as eval/<name>: exact_match,
     rouge_l (F1, rouge-score), bleu (corpus BLEU, sacrebleu). The validation loss is always computed."""
 
@@ -171,7 +169,7 @@ class TrainConfig:
     seed: int = 0
     """Seed for model initialisation (LoRA), dropout and per-rank random state."""
 
-    def __post_init__(self):
+    def check(self) -> None:
         require(self.eval_generations >= 0, "eval_generations", f"must be >= 0; got {self.eval_generations}")
         unknown = [m for m in self.eval_metrics if m not in GENERATION_METRICS]
         require(not unknown, "eval_metrics", f"unknown {unknown}; choose from {', '.join(GENERATION_METRICS)}")
@@ -204,8 +202,7 @@ class TrainConfig:
         require(self.seed >= 0, "seed", f"must be >= 0; got {self.seed}")
 
 
-@dataclass
-class DeepSpeedConfig:
+class DeepSpeedConfig(Section):
     """How DeepSpeed shards and computes; the DeepSpeed JSON config is generated from this."""
 
     zero_stage: Literal[0, 1, 2, 3] = 3
@@ -227,7 +224,7 @@ class DeepSpeedConfig:
     """ZeRO-3 keeps parameters with fewer elements than this whole on every rank (norms, biases). Tiny test
     models need 0 to be partitioned at all."""
 
-    def __post_init__(self):
+    def check(self) -> None:
         require(
             self.offload_params == "none" or self.zero_stage == 3,
             "offload_params",
@@ -242,8 +239,7 @@ class DeepSpeedConfig:
         require(not nvme or bool(self.nvme_path), "nvme_path", "NVMe offload needs nvme_path")
 
 
-@dataclass
-class CheckpointConfig:
+class CheckpointConfig(Section):
     """Resumable checkpoints (separate from the serving export)."""
 
     every_steps: int = 100
@@ -270,15 +266,14 @@ class CheckpointConfig:
     (marker, `latest`, pruning) at the first step boundary after every worker has written and hashed its
     files. The save at the end and on preemption is always waited for."""
 
-    def __post_init__(self):
+    def check(self) -> None:
         require(self.every_steps >= 0, "every_steps", f"must be >= 0; got {self.every_steps}")
         require(self.keep_last >= 1, "keep_last", f"must be >= 1; got {self.keep_last}")
         require(bool(self.resume.strip()), "resume", "auto, none, or a checkpoint path")
         require(self.preemption_grace_s > 0, "preemption_grace_s", "must be positive")
 
 
-@dataclass
-class LoggingConfig:
+class LoggingConfig(Section):
     """What the run reports."""
 
     tensorboard: bool = True
@@ -299,6 +294,6 @@ class LoggingConfig:
     """At the end, save the model's logits on the first validation micro-batch to RUN_DIR/logits_probe.pt, to
     check an export against the engine."""
 
-    def __post_init__(self):
+    def check(self) -> None:
         require(self.log_every > 0, "log_every", f"must be positive; got {self.log_every}")
         require(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", "must be positive")

@@ -11,7 +11,7 @@ import os
 import socket
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,6 @@ import numpy as np
 import torch
 import yaml
 
-from infinitune.data_pipeline.config import DataConfig
 from infinitune.data_pipeline.errors import DataError
 from infinitune.data_pipeline.shards import check_tokenizer, read_manifest, require_validation_split
 from infinitune.data_pipeline.stream import BatchLayout, StatefulLoader, verify_shards
@@ -28,11 +27,7 @@ from infinitune.data_pipeline.tokenizer import load_tokenizer, resolve_chat_temp
 from infinitune.trainer import distributed, faults
 from infinitune.trainer.checkpoint import Checkpointer, Completed
 from infinitune.trainer.config import (
-    CheckpointConfig,
-    DeepSpeedConfig,
-    LoggingConfig,
     ModelConfig,
-    TrainConfig,
 )
 from infinitune.trainer.context import RunContext
 from infinitune.trainer.ds_config import deepspeed_config
@@ -57,24 +52,10 @@ from infinitune.trainer.preemption import EXIT_PREEMPTED, Preemption
 from infinitune.trainer.random_state import RandomState, seed_everything
 from infinitune.trainer.schedule import make_scheduler
 from infinitune.trainer.scoring import HIGHER_IS_BETTER, score_rows
+from infinitune.trainer.spec import TrainerSpec
 
 log = logging.getLogger(__name__)
 EXIT_OK = 0
-
-
-@dataclass
-class TrainerSpec:
-    """The sections of the job config the worker uses, the run directory, and the whole resolved config
-    (saved into checkpoints and TensorBoard)."""
-
-    model: ModelConfig
-    data: DataConfig
-    train: TrainConfig
-    deepspeed: DeepSpeedConfig
-    checkpoint: CheckpointConfig
-    logging: LoggingConfig
-    run_dir: str
-    resolved_config: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -542,7 +523,7 @@ def hf_files(lm, tokenizer, model_cfg: ModelConfig, total_steps: int) -> dict[st
     if model_cfg.adapter is not None:  # export rebuilds the adapter from this and the base model's source
         files["adapter.json"] = json.dumps(
             {
-                **asdict(model_cfg.adapter),
+                **model_cfg.adapter.model_dump(),
                 "base": {"path": model_cfg.path, "gguf_file": model_cfg.gguf_file},
                 "total_steps": total_steps,
             }

@@ -1,0 +1,43 @@
+"""The worker entry point under torchrun or Slurm (Ray Train calls `loop.train` itself):
+
+    torchrun --nproc_per_node 8 -m infinitune.launcher.worker RUN_DIR/config.yaml
+
+The config is the resolved job config the launcher saved in the run directory, loaded and checked whole here
+(every section and how they fit), as `infinitune train` checks it; the run directory is the config's directory
+unless --run-dir says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from infinitune.launcher.job_config import load_job_config
+from infinitune.trainer.context import RunContext
+from infinitune.trainer.loop import train
+from infinitune.trainer.process import configure_logging, exit_now, leave_together
+from infinitune.typed_config import ConfigError
+
+EXIT_USAGE = 2  # as the CLI's: a bad config, refused before any work
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="the resolved job config (RUN_DIR/config.yaml)")
+    parser.add_argument("--run-dir", default=None, help="run directory (default: the config's directory)")
+    args = parser.parse_args(argv)
+    configure_logging(int(os.environ.get("RANK", "0")))
+    try:
+        cfg = load_job_config(args.config)
+    except ConfigError as e:
+        logging.getLogger("infinitune").error("%s", e)
+        return EXIT_USAGE
+    code = train(cfg.trainer_spec(args.run_dir or Path(args.config).resolve().parent), RunContext())
+    leave_together()
+    return code
+
+
+if __name__ == "__main__":
+    exit_now(main())

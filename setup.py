@@ -37,6 +37,7 @@ setup(
         "pyarrow>=14",
         "fsspec>=2023.1",
         "pyyaml>=6",
+        "pydantic>=2.7,<3",  # the config sections (use_attribute_docstrings: 2.7)
         "tqdm>=4.60",
         "psutil>=5.9",  # host memory and network interfaces (also a DeepSpeed and Ray dependency)
         "gguf>=0.10",

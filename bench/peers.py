@@ -265,7 +265,7 @@ def run_infinitune(spec: dict, zero_stage: int, seed: int) -> dict:
     """The real worker entry point (what `infinitune train --local` starts on each rank), world size 1."""
     import yaml
 
-    from infinitune.trainer import run
+    from infinitune.launcher import worker
     from infinitune.trainer.loading import load_for_eval
 
     single_process_env()
@@ -298,7 +298,7 @@ def run_infinitune(spec: dict, zero_stage: int, seed: int) -> dict:
         "logging": {"tensorboard": True, "log_every": 1},
     }
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
-    code = run.main([str(run_dir / "config.yaml")])
+    code = worker.main([str(run_dir / "config.yaml")])
     if code != 0:
         raise SystemExit(f"infinitune exited {code}")
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -69,15 +69,31 @@ class Section(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _as_yaml_means(cls, value: Any, info: ValidationInfo) -> Any:
-        allowed = _leaf_types(cls.model_fields[info.field_name].annotation)
-        if isinstance(value, str) and float in allowed and str not in allowed:
-            try:  # YAML 1.1 reads `2e-5` (no dot) as a string; a user writing it means a number
-                return float(value)
-            except ValueError:
-                return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and allowed == {str}:
-            return str(value)
+        return _as_meant(value, cls.model_fields[info.field_name].annotation)
+
+
+def _as_meant(value: Any, tp: Any) -> Any:
+    """What a YAML user means by `value` for a field of type `tp`: a number written `2e-5` (a string to YAML 1.1)
+    for a float, a whole float for an integer, a number for a string; inside lists and mappings too."""
+    allowed = _leaf_types(tp) - {type(None)}
+    if isinstance(value, list):
+        items = {t for t in allowed if typing.get_origin(t) in (list, Sequence)}
+        return [_as_meant(v, typing.get_args(next(iter(items)))[0]) for v in value] if len(items) == 1 else value
+    if isinstance(value, dict):
+        maps = {t for t in allowed if typing.get_origin(t) in (dict, Mapping)}
+        return {k: _as_meant(v, typing.get_args(next(iter(maps)))[1]) for k, v in value.items()} if maps else value
+    if isinstance(value, str) and float in allowed and str not in allowed:
+        try:  # YAML 1.1 reads `2e-5` (no dot) as a string
+            return float(value)
+        except ValueError:
+            return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return value
+    if isinstance(value, float) and value.is_integer() and int in allowed and float not in allowed:
+        return int(value)
+    if allowed == {str}:
+        return str(value)
+    return value
 
 
 def _leaf_types(tp: Any) -> set:
@@ -142,7 +158,8 @@ def _config_error(cls: type[BaseModel], error: ValidationError) -> ConfigError:
         "dict_type": "a mapping",
         "model_type": "a mapping",
     }.get(kind)
-    if expected is None and annotation is not None:
+    union = typing.get_origin(_strip_optional(annotation)) in (Union, types.UnionType)
+    if (expected is None or union) and annotation is not None:
         expected = type_name(annotation)
     return ConfigError(key, f"expected {expected}, got {value!r}" if expected else first["msg"])
 

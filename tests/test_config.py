@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -261,3 +262,22 @@ def test_the_worker_entry_point_checks_the_whole_config(tmp_path):
     )
     assert done.returncode == 2, done.stderr[-2000:]
     assert "model.adapter.method" in done.stderr and "zero_stage" in done.stderr
+
+
+def test_values_are_taken_as_a_yaml_user_means_them(tmp_path):
+    """YAML 1.1 reads `2e-5` as a string, `16.0` is a whole number, `5` may name a path: taken as meant, also
+    inside lists; what cannot be meant is refused, naming the whole type of a field that takes several."""
+    cfg = load_job_config(
+        _write(tmp_path, BASE),
+        ["train.max_steps=16.0", "train.betas=['9e-1', 0.95]", "model.tokenizer=5", "train.lr='2e-5'"],
+    )
+    assert cfg.train.max_steps == 16 and isinstance(cfg.train.max_steps, int)
+    assert cfg.train.betas == [0.9, 0.95] and cfg.train.lr == 2e-5
+    assert cfg.model.tokenizer == "5"
+    for override, words in [
+        ("train.max_steps=16.5", "expected an integer, got 16.5"),
+        ("cluster.num_workers=[1, x]", "expected int | list of int"),
+        ("data.packing=1", "expected true or false"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            load_job_config(_write(tmp_path, BASE), [override])

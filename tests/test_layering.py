@@ -48,3 +48,15 @@ def test_every_module_imports_in_any_order(order):
     code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\n"
     done = subprocess.run([sys.executable, "-c", code, *modules], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_the_cli_and_the_job_config_do_not_import_torch_or_ray():
+    """`infinitune --help`, `config` and `plan` stay fast: torch, Ray and transformers are imported by the commands
+    that need them."""
+    code = (
+        "import sys, infinitune.launcher.cli, infinitune.launcher.job_config\n"
+        "print(sorted(m for m in ('torch', 'ray', 'transformers', 'deepspeed') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

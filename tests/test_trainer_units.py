@@ -430,3 +430,12 @@ def test_a_format_1_checkpoint_reads_as_this_version(tmp_path):
     write_trainer_state(tmp_path, 13, {"train": {"step": 13}, "data": {"position": 104}}, {"world_size": 1})
     again = read_trainer_state(tmp_path)
     assert again["format_version"] == 2 and again["step"] == 13 and again["parts"]["data"] == {"position": 104}
+
+
+def test_gloo_is_bound_to_the_interface_toward_the_master():
+    """Without GLOO_SOCKET_IFNAME, gloo binds to the address the host name resolves to (loopback on many images);
+    init_distributed names the interface the route to MASTER_ADDR leaves from instead."""
+    from infinitune.trainer.distributed import interface_of, interface_toward
+
+    assert interface_toward("127.0.0.1") == interface_of("127.0.0.1") == "lo"
+    assert interface_toward("no-such-host.invalid") is None

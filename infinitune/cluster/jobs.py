@@ -7,11 +7,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from ray.job_submission import JobSubmissionClient
-
 import infinitune
-from infinitune.trainer.checkpoint_format import checkpoint_problem, step_dirs
-from infinitune.trainer.storage import remote_checkpoints, remote_run
 
 # Never uploaded with the working directory: environments, history, outputs and shards (which the cluster
 # reads from shared storage or a URL).
@@ -19,6 +15,8 @@ EXCLUDES = [".venv", ".git", "runs", "*.tar", "__pycache__", ".pytest_cache", ".
 
 
 def client(address: str):
+    from ray.job_submission import JobSubmissionClient
+
     return JobSubmissionClient(address)
 
 
@@ -78,6 +76,8 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
             row = json.loads(line)
             if "train/loss" in row:
                 last = row
+    from infinitune.trainer.checkpoint_format import checkpoint_problem, step_dirs
+    from infinitune.trainer.storage import remote_checkpoints, remote_run
 
     remote = remote_run(run_dir)
     if remote is not None:  # what the storage holds; completeness by marker (verified when fetched)

@@ -25,7 +25,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import psutil
 import ray
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
@@ -42,6 +41,7 @@ from infinitune.trainer import distributed
 from infinitune.trainer.checkpoint_errors import CheckpointError
 from infinitune.trainer.checkpoint_format import COMPLETE, checkpoint_problem
 from infinitune.trainer.context import RunContext
+from infinitune.trainer.distributed import interface_of
 from infinitune.trainer.loop import train
 from infinitune.trainer.preemption import EXIT_PREEMPTED, install_process_handlers, restore_process_handlers
 from infinitune.trainer.process import configure_logging
@@ -122,14 +122,6 @@ def connect(cfg: ClusterConfig) -> bool:
     return True
 
 
-def interface_of(address: str) -> str | None:
-    """The name of this machine's network interface that holds `address`, or None."""
-    for name, addresses in psutil.net_if_addrs().items():
-        if any(a.address == address for a in addresses):
-            return name
-    return None
-
-
 def bind_to_node_interface() -> None:
     """gloo binds to the interface that carries this worker's Ray node address, unless the user set
     GLOO_SOCKET_IFNAME. Left to itself it takes the address the host name resolves to, which on many images
@@ -160,7 +152,7 @@ def torch_config(use_gpu: bool):
 
 def _worker_callbacks() -> list:
     class PreemptionSignals(WorkerCallback):
-        """SIGTERM/SIGUSR1 to a worker process make the loop save at its next step boundary; signals reach a
+        """SIGTERM/SIGUSR1 to a worker process make the loop save within two step boundaries; signals reach a
         process's main thread only, which is where Ray runs this hook."""
 
         def after_init_train_context(self):
@@ -276,7 +268,7 @@ class RayContext(RunContext):
     def _driver_answered_stop(self) -> bool:
         """Whether the driver's stop flag is set, without waiting on it at each step: one question is always in
         flight, its answer read at the first step boundary after it arrives and the next question sent at once,
-        so a stop is seen within two step boundaries."""
+        so a stop is acted on within three step boundaries (the loop agrees on it one step later)."""
         if self.stop is None:
             return False
         if self._asking is None:
@@ -497,7 +489,7 @@ def _stop_on_signals(stop) -> dict:
         if asked:
             raise KeyboardInterrupt
         asked.append(name)
-        print(f"\n{name}: the workers save within two step boundaries and stop (again to abort)", flush=True)
+        print(f"\n{name}: the workers save within three step boundaries and stop (again to abort)", flush=True)
         stop.set.remote(name)
 
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -388,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", required=True)
     p.set_defaults(func=cmd_logs)
 
-    p = sub.add_parser("stop", help="stop a submitted job (its workers save within two step boundaries)")
+    p = sub.add_parser("stop", help="stop a submitted job (its workers save within three step boundaries)")
     p.add_argument("job_id")
     p.add_argument("--address", required=True)
     p.set_defaults(func=cmd_stop)

@@ -26,7 +26,6 @@ from infinitune.trainer.config import (
 )
 from infinitune.trainer.plan import ModelShape, known_config, make_plan
 from infinitune.trainer.spec import TrainerSpec
-from infinitune.trainer.storage import is_uri
 from infinitune.typed_config import ConfigError, Section, apply_overrides, from_dict, require, to_dict
 
 
@@ -196,6 +195,8 @@ def absolute_paths(cfg: JobConfig) -> JobConfig:
 def run_location(cfg: JobConfig) -> tuple[Path, str | None]:
     """(the run's local directory, its storage URI or None): `storage_path/name` when storage is a directory;
     `local_dir/name` and `storage_path/name` when it is a URI."""
+    from infinitune.trainer.storage import is_uri  # here: storage imports torch, which `config` and `plan` need not
+
     storage = cfg.cluster.storage_path
     if is_uri(storage):
         return Path(cfg.cluster.local_dir) / cfg.name, f"{storage.rstrip('/')}/{cfg.name}"

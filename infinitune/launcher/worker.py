@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", default=None, help="run directory (default: the config's directory)")
     args = parser.parse_args(argv)
     configure_logging(int(os.environ.get("RANK", "0")))
-    try:
-        cfg = load_job_config(args.config)
+    try:  # checked for the world it runs in: torchrun's, not the config's cluster.num_workers
+        cfg = load_job_config(args.config, [f"cluster.num_workers={os.environ.get('WORLD_SIZE', '1')}"])
     except ConfigError as e:
         logging.getLogger("infinitune").error("%s", e)
         return EXIT_USAGE

@@ -281,7 +281,7 @@ class LoggingConfig(Section):
 
     log_every: int = 1
     """Write step metrics every this many steps. Only logging, eval and save steps wait for the device (to read
-    the loss back); on GPUs 10 or more keeps its queue full. Throughput is over the steps since the last log."""
+    the loss back), so on GPUs log every 10 or more. Throughput is over the steps since the last log."""
 
     peak_tflops: float | None = None
     """The device's peak TFLOP/s for MFU, when it is not in the table of known accelerators."""

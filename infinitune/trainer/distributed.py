@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib
 import os
+import socket
 from collections.abc import Sequence
 
+import psutil
 import torch
 import torch.distributed as dist
 
@@ -31,6 +33,12 @@ def init_distributed() -> tuple[int, int]:
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     if use_gpu() and "LOCAL_RANK" in os.environ:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if "GLOO_SOCKET_IFNAME" not in os.environ and os.environ.get("MASTER_ADDR"):
+        # gloo (the CPU backend, and the host group beside NCCL) otherwise binds to the address the host name
+        # resolves to, loopback on many images (127.0.1.1), which the other hosts cannot reach.
+        name = interface_toward(os.environ["MASTER_ADDR"])
+        if name is not None:
+            os.environ["GLOO_SOCKET_IFNAME"] = name
     # Also when the launcher (Ray Train) already made the process group: DeepSpeed's own communication
     # layer wraps it, and without it DeepSpeed sees a world of one.
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu() else "gloo")
@@ -45,6 +53,24 @@ def init_distributed() -> tuple[int, int]:
 # (the default group, a gloo group beside it) when the default is not gloo (NCCL): numbers that live on the
 # host are reduced over gloo, never through the device.
 _HOST_GROUP = None
+
+
+def interface_of(address: str) -> str | None:
+    """The name of this machine's network interface that holds `address`, or None."""
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.address == address for a in addresses):
+            return name
+    return None
+
+
+def interface_toward(host: str) -> str | None:
+    """The interface this machine would send from to reach `host` (a UDP socket's route: nothing is sent)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host, 9))
+            return interface_of(s.getsockname()[0])
+    except OSError:
+        return None
 
 
 def device() -> torch.device:

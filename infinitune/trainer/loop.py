@@ -117,11 +117,13 @@ def _loop(trainer: Trainer, spec: TrainerSpec, ctx: RunContext) -> int:
         eval_due = bool(cfg.eval_every) and (state.step % cfg.eval_every == 0 or last)
         every = spec.checkpoint.every_steps
         save_due = preempted or last or bool(every and state.step % every == 0)
-        if log_due or eval_due or save_due:  # the only steps that wait on the device
+        # A background save counts once every rank has written its files (they all said so this step).
+        completing = not save_due and trainer.checkpointer.pending() and not sums.writing
+        if log_due or eval_due or save_due or completing:  # the only steps that wait on the device
             step_loss = float(distributed.all_reduce(loss_sum).item()) / max(sums.trained, 1)
             if not math.isfinite(step_loss):
                 raise FloatingPointError(f"step {state.step}: loss is {step_loss}; lower train.lr or check the data")
-        window.add(time.perf_counter() - t0, data_wait, sums)
+        window.add(data_wait, sums)
 
         if log_due:
             allocated, peak = device_memory_gb()
@@ -140,23 +142,24 @@ def _loop(trainer: Trainer, spec: TrainerSpec, ctx: RunContext) -> int:
                 "proc/open_fds": fds,
                 "proc/threads": threads,
             }
-            window = PerfWindow()
             trainer.metrics.scalars(state.step, metrics)
             ctx.report(state.step, metrics, None)
+            window = PerfWindow()
         if spec.logging.log_samples:
             ids = distributed.all_gather_object([int(i) for mb in micro for i in mb["sample_index"]])
             trainer.metrics.samples(state.step, [i for rank_ids in ids for i in rank_ids])
         faults.maybe_fail("after_step", state.step, trainer.rank)
 
         stop = False
+        t_other = time.perf_counter()
         # A preempted run saves first: the scheduler's grace period is not spent on evaluation.
         if eval_due and not preempted:
             stop = evaluate(trainer, spec, state, ctx)
         if stop or save_due:
             save(trainer, state.step, ctx, background=spec.checkpoint.async_save and not (preempted or stop or last))
-        elif trainer.checkpointer.pending() and not sums.writing:
-            # A background save counts once every rank has written its files (they all said so this step).
+        elif completing:
             completed(trainer, ctx, trainer.checkpointer.wait())
+        window.exclude(time.perf_counter() - t_other)
         if preempted:
             log.warning(
                 "stopped at step %d on %s with a complete checkpoint", state.step, trainer.preemption.signal_name
@@ -234,26 +237,30 @@ def trained_tokens(mb: dict) -> int:
 
 
 class PerfWindow:
-    """Throughput over the steps since the last log: each step is timed from its first batch to its end, and
-    a logging step ends after the loss has come back from the device, so the device's work of the steps
-    between is inside the window (timing a single step without a sync would time only its launch)."""
+    """Throughput since the last log: the wall-clock time from the end of the last log to the end of this one,
+    less the time spent evaluating and saving. A step that logs, evaluates or saves first reads its loss back
+    from the device, so the device's work of every step in between falls inside the window (a single step timed
+    without a sync would time only its launch)."""
 
     def __init__(self) -> None:
-        self.steps = 0
-        self.seconds = self.data_wait = 0.0
-        self.tokens = self.trained = 0
+        self.started = time.perf_counter()
+        self.excluded = self.data_wait = 0.0
+        self.steps = self.tokens = self.trained = 0
         self.flops = 0.0
 
-    def add(self, seconds: float, data_wait: float, sums: StepSums) -> None:
+    def add(self, data_wait: float, sums: StepSums) -> None:
         self.steps += 1
-        self.seconds += seconds
         self.data_wait += data_wait
         self.tokens += sums.tokens
         self.trained += sums.trained
         self.flops += sums.flops
 
+    def exclude(self, seconds: float) -> None:
+        """Time that is not training (an evaluation, a save)."""
+        self.excluded += seconds
+
     def metrics(self, peak_flops: float) -> dict[str, float]:
-        seconds = max(self.seconds, 1e-9)
+        seconds = max(time.perf_counter() - self.started - self.excluded, 1e-9)
         return {
             "perf/tokens_per_s": self.tokens / seconds,
             "perf/trained_tokens_per_s": self.trained / seconds,

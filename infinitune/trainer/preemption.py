@@ -26,7 +26,7 @@ def _handle(signum, frame=None) -> None:
             _PREVIOUS[signum](signum, frame)
         return
     _SIGNALLED.append((time.monotonic(), signal.Signals(signum).name))
-    log.warning("%s received: saving at the next step boundary", signal.Signals(signum).name)
+    log.warning("%s received: saving at a step boundary (the next but one at most)", signal.Signals(signum).name)
 
 
 def install_process_handlers() -> None:

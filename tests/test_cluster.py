@@ -287,7 +287,7 @@ def test_a_run_on_s3_stopped_through_its_driver_resumes_from_s3_to_the_same_loss
     setup, runs, reference, tmp_path, s3_endpoint
 ):
     """Storage on S3 (a local moto server), the job on an embedded Ray cluster. SIGINT (Ctrl-C) to the driver (the same
-    handler as for SIGTERM, which a scheduler or `ray job stop` sends): the workers save one complete checkpoint within two step boundaries, with
+    handler as for SIGTERM, which a scheduler or `ray job stop` sends): the workers save one complete checkpoint within three step boundaries, with
     every rank's shards, into S3 and end; the driver exits 75 naming how to resume. `infinitune status` lists the
     checkpoint, `infinitune resume` continues from S3 to the uninterrupted run's losses (each sample once per
     epoch), and `infinitune export` fetches the newest checkpoint from S3."""
@@ -318,7 +318,7 @@ def test_a_run_on_s3_stopped_through_its_driver_resumes_from_s3_to_the_same_loss
     finally:
         driver.kill()
     assert driver.returncode == 75, out[-3000:]
-    assert "SIGINT: the workers save within two step boundaries" in out
+    assert "SIGINT: the workers save within three step boundaries" in out
     assert f"infinitune resume {run_dir}" in out and uri in out
     saved = [(s, c) for s, _, c in remote_checkpoints(uri)]
     assert len(saved) == 1 and saved[0][1] and 3 <= saved[0][0] < STEPS  # saved at once, not at the interval

@@ -14,13 +14,12 @@ import logging
 import os
 from pathlib import Path
 
+from infinitune.launcher.cli import EXIT_USAGE
 from infinitune.launcher.job_config import load_job_config
 from infinitune.trainer.context import RunContext
 from infinitune.trainer.loop import train
 from infinitune.trainer.process import configure_logging, exit_now, leave_together
 from infinitune.typed_config import ConfigError
-
-EXIT_USAGE = 2  # as the CLI's: a bad config, refused before any work
 
 
 def main(argv: list[str] | None = None) -> int:

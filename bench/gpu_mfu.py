@@ -78,7 +78,7 @@ def one_stage(args) -> dict:
     from infinitune.trainer.ds_config import deepspeed_config
     from infinitune.trainer.loop import StepSums, train_step
     from infinitune.trainer.metrics import FlopCounter, device_peak_tflops
-    from infinitune.trainer.model import TokenLossModel, compile_layers, size_zero3_buckets
+    from infinitune.trainer.model import TokenLossModel, compile_layers
 
     distributed.init_distributed()
     import deepspeed
@@ -93,8 +93,8 @@ def one_stage(args) -> dict:
         DeepSpeedConfig(zero_stage=args.stage, precision=precision),
         TrainConfig(global_batch_size=layout.global_batch_size, micro_batch_size=args.micro),
         layout,
+        config.hidden_size,  # the reduce bucket sized to the model, as the trainer does
     )
-    size_zero3_buckets(ds_config, config)  # as the trainer does
     dtype = torch.bfloat16 if gpu else torch.float32
     t0 = time.perf_counter()
     if args.stage == 3:  # built partitioned, as the trainer's from_pretrained does, and initialised gathered

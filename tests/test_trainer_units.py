@@ -149,11 +149,10 @@ def test_pieces_of_the_loss_are_refused_for_a_model_that_computes_its_own_logits
     from infinitune.trainer.model import build_model
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(tmp_path / "gpt2")
-    ds = DeepSpeedConfig(zero_stage=0, precision="fp32")
-    ds_config = deepspeed_config(ds, TrainConfig(), BatchLayout(8, 1, 1))
+    path = str(tmp_path / "gpt2")
     with pytest.raises(ValueError, match=r"model\.loss_chunk_tokens: GPT2LMHeadModel"):
-        build_model(ModelConfig(path=str(tmp_path / "gpt2"), loss_chunk_tokens=64), ds, ds_config, 0, 10)
-    assert build_model(ModelConfig(path=str(tmp_path / "gpt2")), ds, ds_config, 0, 10).lm is not None
+        build_model(ModelConfig(path=path, loss_chunk_tokens=64), None, torch.float32, None, 0, 10)
+    assert build_model(ModelConfig(path=path), None, torch.float32, None, 0, 10).lm is not None
 
 
 def test_deepspeed_config_follows_our_sections():
@@ -184,21 +183,15 @@ def test_deepspeed_config_follows_our_sections():
 
 
 def test_zero3_reduce_bucket_is_sized_to_the_model():
-    from types import SimpleNamespace
-
-    from infinitune.trainer.model import size_zero3_buckets
-
-    def bucket(hidden, stage=3, **preset):
-        c = deepspeed_config(DeepSpeedConfig(zero_stage=stage), TrainConfig(), BatchLayout(8, 1, 1))
-        c["zero_optimization"].update(preset)
-        size_zero3_buckets(c, SimpleNamespace(hidden_size=hidden))
+    def bucket(hidden, stage=3):
+        c = deepspeed_config(DeepSpeedConfig(zero_stage=stage), TrainConfig(), BatchLayout(8, 1, 1), hidden)
         return c["zero_optimization"].get("reduce_bucket_size")
 
     assert bucket(2048) == 1 << 24  # a 1B model: 64 MB in fp32, not DeepSpeed's 2 GB; small models the same
     assert bucket(8192) == 8192 * 8192  # 70B-sized: hidden²
     assert bucket(65536) == 500_000_000  # never above DeepSpeed's default
-    assert bucket(2048, reduce_bucket_size=123) == 123  # the user's own size is kept
     assert bucket(2048, stage=2) is None  # ZeRO-1/2 keep DeepSpeed's
+    assert bucket(None) is None  # a config without a hidden size: DeepSpeed's
 
 
 def test_flops_count_parameters_and_causal_attention_per_document():
@@ -366,8 +359,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir):
     for checkpointing in (False, True):
         model = build_model(
             ModelConfig(path=str(tiny_model_dir), gradient_checkpointing=checkpointing),
-            DeepSpeedConfig(zero_stage=0, precision="fp32"),
-            {"zero_optimization": {"stage": 0}},
+            None,
+            torch.float32,
+            None,
             0,
             total_steps=10,
         )

@@ -47,7 +47,7 @@ from infinitune.trainer.metrics import (
     host_rss_gb,
     process_counts,
 )
-from infinitune.trainer.model import AdaLoraBudget, build_model, parameter_counts
+from infinitune.trainer.model import PRECISION_DTYPES, AdaLoraBudget, build_model, model_config, parameter_counts
 from infinitune.trainer.preemption import EXIT_PREEMPTED, Preemption
 from infinitune.trainer.random_state import RandomState, seed_everything
 from infinitune.trainer.schedule import make_scheduler
@@ -391,8 +391,11 @@ def setup(spec: TrainerSpec, ctx: RunContext) -> Trainer:
     check_shards(base, manifest, spec.data.verify, rank, world)
     layout = BatchLayout(spec.train.global_batch_size, world, spec.train.micro_batch_size)
 
-    ds_config = deepspeed_config(spec.deepspeed, spec.train, layout)
-    model = build_model(spec.model, spec.deepspeed, ds_config, spec.train.seed, spec.train.max_steps)
+    config = model_config(spec.model)
+    ds_config = deepspeed_config(spec.deepspeed, spec.train, layout, getattr(config, "hidden_size", None))
+    zero3 = spec.deepspeed.zero_stage == 3
+    dtype = PRECISION_DTYPES[spec.deepspeed.precision]
+    model = build_model(spec.model, config, dtype, ds_config if zero3 else None, spec.train.seed, spec.train.max_steps)
     trainable, frozen = parameter_counts(model)
     optimizer = None
     params = [p for p in model.parameters() if p.requires_grad]
@@ -499,7 +502,7 @@ def setup(spec: TrainerSpec, ctx: RunContext) -> Trainer:
         preemption=Preemption(spec.checkpoint.preemption_grace_s),
         flops=FlopCounter(getattr(lm, "config", None), trainable, frozen),
         peak_tflops=peak,
-        zero3=spec.deepspeed.zero_stage == 3,
+        zero3=zero3,
         adalora=budget,
         state=state,
     )

@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from infinitune.data_pipeline.template import IGNORE
 from infinitune.data_pipeline.tokenizer import resolve_model_source
-from infinitune.trainer.config import ADAPTER_METHODS, DTYPES, AdapterConfig, DeepSpeedConfig, ModelConfig
+from infinitune.trainer.config import ADAPTER_METHODS, DTYPES, AdapterConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -170,49 +170,43 @@ def prefix_decoder_forward(lm: nn.Module, input_ids: torch.Tensor, position_ids:
     return out.last_hidden_state
 
 
-def load_causal_lm(cfg: ModelConfig, dtype: torch.dtype, ds_config: dict | None = None) -> nn.Module:
-    """The HF model, built partitioned across ranks when `ds_config` is a ZeRO-3 config."""
-    global _HF_DEEPSPEED_CONFIG
-    # Model classes are imported before zero.Init patches tensor creation (importing them inside it fails).
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.integrations import HfDeepSpeedConfig
+def model_config(cfg: ModelConfig):
+    """The HF config of the model to load, read once: its sizes also shape the DeepSpeed config."""
+    from transformers import AutoConfig
 
     source, gguf = resolve_model_source(cfg.path, cfg.gguf_file)
-    kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
-    if gguf:
-        kwargs["gguf_file"] = gguf
-    config = AutoConfig.from_pretrained(source, **kwargs)
+    config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, gguf_file=gguf)
     # With the KV cache on, transformers skips the packed-sequence detection and documents silently attend
     # across their boundaries.
     config.use_cache = False
-    if ds_config is not None:
-        size_zero3_buckets(ds_config, config)
-    if ds_config is not None and ds_config["zero_optimization"]["stage"] == 3:
-        _HF_DEEPSPEED_CONFIG = HfDeepSpeedConfig(ds_config)
+    return config
+
+
+def load_causal_lm(cfg: ModelConfig, dtype: torch.dtype, config=None, zero3: dict | None = None) -> nn.Module:
+    """The HF model (with `config` from `model_config`, or read here), built partitioned across ranks when
+    `zero3` is the DeepSpeed config of a ZeRO-3 run."""
+    global _HF_DEEPSPEED_CONFIG
+    # Model classes are imported before zero.Init patches tensor creation (importing them inside it fails).
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    source, gguf = resolve_model_source(cfg.path, cfg.gguf_file)
+    config = config if config is not None else model_config(cfg)
+    if zero3 is not None:
+        _HF_DEEPSPEED_CONFIG = HfDeepSpeedConfig(zero3)
     else:
         load_whole()
     model = AutoModelForCausalLM.from_pretrained(
-        source, config=config, dtype=dtype, attn_implementation=cfg.attn_implementation, **kwargs
+        source,
+        config=config,
+        dtype=dtype,
+        attn_implementation=cfg.attn_implementation,
+        trust_remote_code=cfg.trust_remote_code,
+        gguf_file=gguf,
     )
     if getattr(model, "hf_quantizer", None) is not None:  # a GGUF arrives flagged quantised though dequantised
         model.hf_quantizer.remove_quantization_config(model)
     return model
-
-
-ZERO3_DEFAULT_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default, in elements
-MIN_REDUCE_BUCKET = 1 << 24  # small models still reduce their gradients in few calls
-
-
-def size_zero3_buckets(ds_config: dict, config) -> None:
-    """ZeRO-3's gradient reduce bucket sized to the model: hidden_size² elements (transformers' "auto"), at
-    least 16M, at most DeepSpeed's 5e8. Every rank allocates the bucket whole (2 GB at DeepSpeed's default in
-    fp32, 1 GB in bf16), which for a small model is more than its gradients. A size set in the config is kept.
-    Called before anything reads the config (transformers' HfDeepSpeedConfig, then deepspeed.initialize)."""
-    zero = ds_config["zero_optimization"]
-    hidden = getattr(config, "hidden_size", None)
-    if zero["stage"] != 3 or not isinstance(hidden, int):
-        return
-    zero.setdefault("reduce_bucket_size", min(ZERO3_DEFAULT_REDUCE_BUCKET, max(hidden * hidden, MIN_REDUCE_BUCKET)))
 
 
 def load_whole() -> None:
@@ -225,13 +219,17 @@ def load_whole() -> None:
     unset_hf_deepspeed_config()
 
 
-def build_model(cfg: ModelConfig, ds: DeepSpeedConfig, ds_config: dict, seed: int, total_steps: int) -> TokenLossModel:
-    """The model to train: loaded, gradient checkpointing and the adapter applied, wrapped for the token loss."""
-    model = load_causal_lm(cfg, PRECISION_DTYPES[ds.precision], ds_config)
+def build_model(
+    cfg: ModelConfig, config, dtype: torch.dtype, zero3: dict | None, seed: int, total_steps: int
+) -> TokenLossModel:
+    """The model to train: loaded (partitioned when `zero3` is the ZeRO-3 DeepSpeed config), gradient
+    checkpointing and the adapter applied, wrapped for the token loss. The seed draws the adapter's
+    initialisation; total_steps is AdaLoRA's budget schedule."""
+    model = load_causal_lm(cfg, dtype, config, zero3)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.compile_layers:
-        compile_layers(model, zero3=ds.zero_stage == 3)
+        compile_layers(model, zero3=zero3 is not None)
     if cfg.adapter is not None:
         model = apply_adapter(model, cfg.adapter, seed, total_steps)
     wrapped = TokenLossModel(model, cfg.loss_chunk_tokens, compile_loss=cfg.compile_layers)

@@ -59,7 +59,7 @@ def plain_loop(model_dir: str, shards: str, steps: int, threads: int) -> list[fl
 def our_loop(setup: dict, root: Path, stage: int, steps: int, compiled: bool = False) -> list[float]:
     import yaml
 
-    from infinitune.launcher.local import start_workers, wait_workers
+    from infinitune.launcher.local import run_local
 
     name = f"zero{stage}" + ("_compiled" if compiled else "")
     run_dir = root / name
@@ -88,7 +88,7 @@ def our_loop(setup: dict, root: Path, stage: int, steps: int, compiled: bool = F
         "logging": {"tensorboard": True},
     }
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
-    code = wait_workers(start_workers(run_dir / "config.yaml", 1, log_dir=run_dir / "logs"))
+    code = run_local(run_dir / "config.yaml", 1)
     if code:
         raise SystemExit(f"our loop failed (exit {code}); see {run_dir / 'logs'}")
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

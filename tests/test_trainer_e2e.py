@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import signal
+import time
 
 import pytest
 import torch
@@ -15,9 +18,10 @@ from infinitune.testing.jobs import (
     make_tiny_setup,
     run,
     run_dir_of,
-    start,
+    start_cli,
     step_losses,
     wait_for_step,
+    worker_pid,
 )
 from infinitune.trainer.checkpoint_format import checkpoint_problem
 from infinitune.trainer.preemption import EXIT_PREEMPTED
@@ -122,21 +126,66 @@ def test_resume_after_a_crash_repeats_the_same_losses(setup, runs, reference):
         assert abs(got[step] - want[step]) <= 1e-6, (step, got[step], want[step])
 
 
+def test_a_worker_killed_is_restarted_by_torchruns_agent_and_the_losses_do_not_change(setup, runs, reference, tmp_path):
+    config = job_config(setup, runs, "restarted")
+    fired = tmp_path / "fired"
+    env = {"INFINITUNE_FAULT": "rank1:after_step:7", "INFINITUNE_FAULT_ONCE": str(fired)}  # SIGKILL, once
+    assert run(config, env=env, max_restarts=1) == 0, logs(config)
+    assert fired.exists()
+    rank1 = (run_dir_of(config) / "logs" / "rank1.log").read_text()
+    assert len(set(re.findall(r"worker rank 1 of 2: pid (\d+)", rank1))) == 2  # a second process after the kill
+    assert "step_000005 (step 5)" in logs(config)  # the restart resumed from the last checkpoint
+    want, got = step_losses(reference), step_losses(config)
+    assert sorted(got) == list(range(1, 13))
+    for step in range(1, 13):
+        assert abs(got[step] - want[step]) <= 1e-6, (step, got[step], want[step])
+
+
 def test_sigterm_to_one_rank_saves_one_complete_checkpoint(setup, runs):
     config = job_config(
         setup, runs, "preempted", train={"max_steps": 1000, "eval_every": 0}, checkpoint={"every_steps": 0}
     )
-    procs = start(config)
+    launcher = start_cli(config, "cluster.max_failures=0")
     wait_for_step(config, 3)
-    procs[1].send_signal(signal.SIGTERM)  # one rank only: the other learns of it at the next step boundary
-    codes = [p.wait(timeout=120) for p in procs]
-    assert codes == [EXIT_PREEMPTED, EXIT_PREEMPTED], logs(config)
+    os.kill(worker_pid(config, 1), signal.SIGTERM)  # one rank only: the other learns of it at the next step boundary
+    out, _ = launcher.communicate(timeout=180)
+    assert launcher.returncode == EXIT_PREEMPTED, out[-3000:]
     checkpoints = sorted((run_dir_of(config) / "checkpoints").glob("step_*"))
     assert len(checkpoints) == 1
     assert checkpoint_problem(checkpoints[0], "sha256") is None
     saved = json.loads((checkpoints[0] / "trainer_state.json").read_text())
     assert saved["step"] == max(step_losses(config)) < 1000
+    for rank, why in ((0, "another rank's request"), (1, "SIGTERM")):  # both ranks stopped there, none was killed
+        log = (run_dir_of(config) / "logs" / f"rank{rank}.log").read_text()
+        assert f"stopped at step {saved['step']} on {why} with a complete checkpoint" in log, log[-3000:]
     assert "SIGTERM received" in logs(config)
+
+
+def test_workers_whose_launcher_is_killed_save_and_stop(setup, runs):
+    import psutil
+
+    config = job_config(
+        setup, runs, "orphaned", train={"max_steps": 1000, "eval_every": 0}, checkpoint={"every_steps": 0}
+    )
+    launcher = start_cli(config, "cluster.max_failures=0")
+    wait_for_step(config, 2)
+    workers = [psutil.Process(worker_pid(config, rank)) for rank in (0, 1)]
+    launcher.kill()  # no handler runs: only the kernel tells the workers (in sessions of their own)
+    launcher.communicate(timeout=60)
+
+    def alive(p):
+        try:
+            return p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + 120
+    while any(alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(p) for p in workers), logs(config)[-3000:]
+    (checkpoint,) = (run_dir_of(config) / "checkpoints").glob("step_*")
+    assert checkpoint_problem(checkpoint, "sha256") is None
+    assert "SIGTERM received" in (run_dir_of(config) / "logs" / "rank0.log").read_text()
 
 
 def test_a_damaged_checkpoint_is_skipped_for_the_one_before(setup, runs, reference):

@@ -47,7 +47,8 @@ class ClusterConfig(Section):
     """Ray placement: PACK (fill nodes), SPREAD, STRICT_PACK or STRICT_SPREAD."""
 
     max_failures: int = 3
-    """Times Ray restarts the workers after a failure before the job fails (-1: without limit)."""
+    """Times the workers are restarted after a failure before the job fails (-1: without limit): by Ray, or
+    with `--local` by torchrun's agent (its --max-restarts)."""
 
     storage_path: str = "runs"
     """Where run directories live: a local or shared directory, or a URI such as s3://bucket/prefix (through

@@ -126,9 +126,10 @@ def _run_locked(cfg, run_dir: Path, local: bool) -> int:
     if storage is not None:
         print(f"storage:       {storage} (checkpoints, and TensorBoard logs copied at each checkpoint)", flush=True)
     if local:
-        from infinitune.launcher.local import start_workers, wait_workers
+        from infinitune.launcher.local import run_local
 
-        code = wait_workers(start_workers(config_path, cfg.cluster.worker_range[1]), cfg.checkpoint.preemption_grace_s)
+        restarts = cfg.cluster.max_failures if cfg.cluster.max_failures >= 0 else 2**31 - 1
+        code = run_local(config_path, cfg.cluster.worker_range[1], restarts, cfg.checkpoint.preemption_grace_s)
     else:
         from infinitune.cluster.ray_job import JobFailed, run_job
 
@@ -368,7 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="fine-tune on Ray (embedded, or cluster.address) with DeepSpeed workers")
     _add_overrides(p)
-    p.add_argument("--local", action="store_true", help="run the workers as plain local processes, without Ray")
+    p.add_argument(
+        "--local",
+        action="store_true",
+        help="run the workers on this machine under torchrun's agent (torch.distributed.run), without Ray",
+    )
     p.add_argument("--ignore-plan", action="store_true", help="launch even if the plan says it will not fit")
     p.set_defaults(func=cmd_train)
 
@@ -396,7 +401,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("resume", help="continue a stopped or preempted run from its newest complete checkpoint")
     p.add_argument("run_dir", help="the run directory (cluster.storage_path/name)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.max_steps=2000 to extend a run")
-    p.add_argument("--local", action="store_true", help="run the workers as plain local processes, without Ray")
+    p.add_argument(
+        "--local",
+        action="store_true",
+        help="run the workers on this machine under torchrun's agent (torch.distributed.run), without Ray",
+    )
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("export", help="a run's checkpoint -> an HF directory (safetensors, tokenizer), LoRA merged")

@@ -1,5 +1,10 @@
-"""Running the workers as plain processes on this machine (what torchrun does, minus its restarts): each
-gets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT and runs `python -m infinitune.launcher.worker`."""
+"""Running the workers on this machine under torch.distributed.run's elastic agent (what `torchrun` runs): it
+starts `python -m infinitune.launcher.worker RUN_DIR/config.yaml` once per rank, watches them, and restarts all
+of them from the last checkpoint when one fails, `max_restarts` times.
+
+A SIGTERM or Ctrl-C to the launcher reaches every worker as SIGTERM: each saves at its next step boundary and
+stops, within `grace_s`. Each worker's own log is RUN_DIR/logs/rank{r}.log (as under Ray); everything the
+processes print is also kept in torchrun's layout under RUN_DIR/logs/console/ and shown on this terminal."""
 
 from __future__ import annotations
 
@@ -8,13 +13,20 @@ import ctypes
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
-import time
+import uuid
 from pathlib import Path
 
+from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException, Std
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
 from infinitune.trainer.preemption import EXIT_PREEMPTED
+
+# The agent turns these into a shutdown that sends SIGTERM to the workers; SIGINT is left to Python, whose
+# KeyboardInterrupt ends the agent the same way (passed on as SIGINT, it would interrupt a worker mid-step).
+AGENT_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
 def free_port() -> int:
@@ -23,87 +35,83 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_workers(
-    config_path: str | Path, nproc: int, env: dict[str, str] | None = None, log_dir: str | Path | None = None
-) -> list[subprocess.Popen]:
-    """Start `nproc` worker processes for the resolved config; their output goes to log_dir/rank{r}.log."""
-    port = free_port()
-    procs = []
-    for rank in range(nproc):
-        worker_env = {
-            **os.environ,
-            **(env or {}),
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(nproc),
-            "LOCAL_WORLD_SIZE": str(nproc),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))),
-            "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore::FutureWarning"),
-        }
-        out = None
-        if log_dir is not None:
-            Path(log_dir).mkdir(parents=True, exist_ok=True)
-            out = open(Path(log_dir) / f"rank{rank}.log", "ab")  # noqa: SIM115 - handed to the child
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "infinitune.launcher.worker", str(config_path)],
-                env=worker_env,
-                stdout=out,
-                stderr=subprocess.STDOUT if out else None,
-                # Their own session: a Ctrl-C in the terminal reaches the launcher, which asks every worker to
-                # save and stop, instead of interrupting each mid-collective.
-                start_new_session=True,
-                preexec_fn=_die_with_parent,
-            )
-        )
-        if out is not None:
-            out.close()
-    return procs
+def run_local(
+    config_path: str | Path,
+    nproc: int,
+    max_restarts: int = 0,
+    grace_s: float = 120.0,
+    env: dict[str, str] | None = None,
+) -> int:
+    """Run `nproc` workers for the resolved config until they end. Returns 0, EXIT_PREEMPTED if the run
+    stopped on request (its last checkpoint is complete), or the exit code of the first worker that failed
+    once no restart was left (a death by signal as 128 + the signal)."""
+    log_dir = Path(config_path).resolve().parent / "logs"
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=f"infinitune-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint=f"127.0.0.1:{free_port()}",
+        local_addr="127.0.0.1",
+        max_restarts=max_restarts,
+        monitor_interval=0.2,
+        logs_specs=DefaultLogsSpecs(log_dir=str(log_dir / "console"), redirects=Std.ALL, tee=Std.ALL),
+        signals_to_handle=",".join(s.name for s in AGENT_SIGNALS),
+        shutdown_timeout=int(grace_s),
+    )
+    worker_env = {
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))),
+        "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore::FutureWarning"),
+        "INFINITUNE_LAUNCHER_PID": str(os.getpid()),
+        # Workers sharing the agent's rendezvous store read the previous attempt's addresses after a restart
+        # and cannot connect (pytorch/pytorch#135712): each attempt gets a store of its own.
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+        **(env or {}),
+    }
+    with _environment(worker_env), _own_signal_handlers():
+        try:
+            elastic_launch(config, sys.executable)("-m", "infinitune.launcher.worker", str(config_path))
+        except ChildFailedError as e:
+            code = e.get_first_failure()[1].exitcode
+            return code if code > 0 else 128 - code
+        except (SignalException, KeyboardInterrupt):
+            return EXIT_PREEMPTED
+    return 0
 
 
-def _die_with_parent() -> None:
-    """In the child: be sent SIGTERM (save and stop) if the launcher dies, rather than run on orphaned."""
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    """The workers inherit the launcher's environment; these values for this run only."""
+    saved = dict(os.environ)
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@contextlib.contextmanager
+def _own_signal_handlers():
+    """The agent installs handlers it never removes; a process that goes on afterwards (a test, a benchmark)
+    gets its own back."""
+    saved = {sig: signal.getsignal(sig) for sig in (*AGENT_SIGNALS, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        if threading.current_thread() is threading.main_thread():  # elsewhere neither could install any
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
+
+
+def exit_with_launcher() -> None:
+    """In a worker: be sent SIGTERM (save and stop) when the launcher that started it dies, rather than run on
+    orphaned. The agent starts each worker in a session of its own, so nothing else would tell it."""
+    launcher = os.environ.get("INFINITUNE_LAUNCHER_PID")
+    if not launcher:
+        return
     with contextlib.suppress(OSError, AttributeError):  # not Linux: the workers outlive a killed launcher
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def wait_workers(procs: list[subprocess.Popen], grace_s: float = 120.0) -> int:
-    """Wait for every worker. When one fails, the others are stopped (they would wait on it forever).
-    SIGINT/SIGTERM to the launcher are passed on as SIGTERM, so every worker saves and stops at its next step
-    boundary; a second one, or `grace_s` without an end, kills them.
-    Returns 0, EXIT_PREEMPTED if the run stopped on request with a checkpoint, or the first failure's code."""
-    stopping_since: list[float] = []
-
-    def stop_all(signum=None, frame=None) -> None:
-        if stopping_since and signum is not None:  # asked twice: stop now
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-        stopping_since.append(time.monotonic())
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-
-    handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        handlers = {sig: signal.signal(sig, stop_all) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        while any(p.poll() is None for p in procs):
-            codes = [p.returncode for p in procs if p.returncode is not None]
-            if not stopping_since and any(c not in (0, EXIT_PREEMPTED) for c in codes):
-                stop_all()
-            if stopping_since and time.monotonic() - stopping_since[0] > grace_s:
-                for p in procs:
-                    if p.poll() is None:
-                        p.kill()
-            time.sleep(0.2)
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-    codes = [p.returncode for p in procs]
-    bad = [c for c in codes if c not in (0, EXIT_PREEMPTED)]
-    if bad:
-        return bad[0] if bad[0] > 0 else 128 - bad[0]  # a signal death (-9) reads as 137
-    return EXIT_PREEMPTED if EXIT_PREEMPTED in codes else 0
+    if os.getppid() != int(launcher):  # it died before the request above
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from infinitune.launcher.cli import EXIT_USAGE
 from infinitune.launcher.job_config import load_job_config
+from infinitune.launcher.local import exit_with_launcher
 from infinitune.trainer.context import RunContext
 from infinitune.trainer.loop import train
 from infinitune.trainer.process import configure_logging, exit_now, leave_together
@@ -27,13 +28,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="the resolved job config (RUN_DIR/config.yaml)")
     parser.add_argument("--run-dir", default=None, help="run directory (default: the config's directory)")
     args = parser.parse_args(argv)
-    configure_logging(int(os.environ.get("RANK", "0")))
+    exit_with_launcher()
+    rank = int(os.environ.get("RANK", "0"))
+    run_dir = Path(args.run_dir or Path(args.config).resolve().parent)
+    configure_logging(rank, run_dir / "logs" / f"rank{rank}.log")
     try:  # checked for the world it runs in: torchrun's, not the config's cluster.num_workers
         cfg = load_job_config(args.config, [f"cluster.num_workers={os.environ.get('WORLD_SIZE', '1')}"])
     except ConfigError as e:
         logging.getLogger("infinitune").error("%s", e)
         return EXIT_USAGE
-    code = train(cfg.trainer_spec(args.run_dir or Path(args.config).resolve().parent), RunContext())
+    try:
+        code = train(cfg.trainer_spec(run_dir), RunContext())
+    except Exception:
+        logging.getLogger("infinitune").exception("the worker failed")  # into its log file too
+        return 1
     leave_together()
     return code
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -10,7 +13,7 @@ import yaml
 
 from infinitune.data_pipeline import synthetic
 from infinitune.launcher.job_config import load_job_config, save_job_config
-from infinitune.launcher.local import start_workers, wait_workers
+from infinitune.launcher.local import run_local
 
 
 def make_tiny_setup(root: Path, tokenizer_dir: Path, records: int = 1500) -> dict:
@@ -72,21 +75,39 @@ def run_dir_of(config: Path) -> Path:
     return Path(cfg["cluster"].get("local_dir", "runs") if "://" in storage else storage) / cfg["name"]
 
 
-def start(config: Path, env: dict | None = None, nproc: int = 2):
-    """Validate like the CLI, write RUN_DIR/config.yaml, start the workers (logs in RUN_DIR/logs)."""
+def run(config: Path, env: dict | None = None, nproc: int = 2, max_restarts: int = 0) -> int:
+    """Validate like the CLI, write RUN_DIR/config.yaml and run the workers under torchrun's agent (in this
+    process); their logs go to RUN_DIR/logs."""
     cfg = load_job_config(config)
     run_dir = run_dir_of(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_job_config(cfg, run_dir / "config.yaml")
-    return start_workers(run_dir / "config.yaml", nproc, env=env, log_dir=run_dir / "logs")
+    return run_local(run_dir / "config.yaml", nproc, max_restarts, cfg.checkpoint.preemption_grace_s, env=env)
 
 
-def run(config: Path, env: dict | None = None, nproc: int = 2) -> int:
-    return wait_workers(start(config, env, nproc))
+def start_cli(config: Path, *args: str) -> subprocess.Popen:
+    """`infinitune train CONFIG --local ARGS` in the background, its output piped."""
+    cli = [sys.executable, "-m", "infinitune.launcher.cli", "train", str(config), "--local", *args]
+    return subprocess.Popen(cli, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def worker_pid(config: Path, rank: int, timeout: float = 120) -> int:
+    """The pid of the rank's latest worker process, from the line each worker logs first."""
+    deadline = time.monotonic() + timeout
+    path = run_dir_of(config) / "logs" / f"rank{rank}.log"
+    while time.monotonic() < deadline:
+        pids = re.findall(rf"worker rank {rank} of \d+: pid (\d+)", path.read_text() if path.exists() else "")
+        if pids:
+            return int(pids[-1])
+        time.sleep(0.2)
+    raise TimeoutError(f"rank {rank} has not started")
 
 
 def logs(config: Path) -> str:
-    return "\n".join(p.read_text(errors="replace") for p in sorted((run_dir_of(config) / "logs").glob("*.log")))
+    """Every rank's log, then everything the workers printed (torchrun's files under logs/console)."""
+    root = run_dir_of(config) / "logs"
+    files = sorted(root.glob("*.log")) + sorted((root / "console").rglob("*.log"), key=lambda p: p.stat().st_mtime)
+    return "\n".join(p.read_text(errors="replace") for p in files)
 
 
 def step_losses(config: Path) -> dict[int, float]:

@@ -148,6 +148,11 @@ def _config_error(cls: type[BaseModel], error: ValidationError) -> ConfigError:
         hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
         extra = f" (did you mean {hint[0]!r}?)" if hint else ""
         return ConfigError(key, f"must be one of {', '.join(repr(c) for c in choices)}; got {value!r}{extra}")
+    bound = first.get("ctx") or {}
+    if kind == "greater_than":
+        return ConfigError(key, f"must be {'positive' if bound['gt'] == 0 else '> ' + str(bound['gt'])}; got {value!r}")
+    if kind == "greater_than_equal":
+        return ConfigError(key, f"must be >= {bound['ge']}; got {value!r}")
     expected = {
         "int_type": "an integer",
         "int_from_float": "an integer",
@@ -203,11 +208,6 @@ def _model_at(cls: type[BaseModel], path: list[str]) -> type[BaseModel] | None:
     return section
 
 
-def to_dict(obj: Any) -> Any:
-    """Plain data (for YAML and JSON) from a config section."""
-    return obj.model_dump() if isinstance(obj, BaseModel) else obj
-
-
 def json_schema(cls: type[Section]) -> dict[str, Any]:
     """The JSON Schema of a config (editors complete and check YAML with it)."""
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **cls.model_json_schema()}
@@ -227,11 +227,6 @@ def type_name(tp: Any) -> str:
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", str(tp))
-
-
-def field_docs(cls: type[Section]) -> dict[str, str]:
-    """The docstring written under each field of section `cls`."""
-    return {name: f.description or "" for name, f in cls.model_fields.items()}
 
 
 def describe(cls: type[Section], prefix: str = "") -> list[tuple[str, str, str, str]]:

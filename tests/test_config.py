@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from infinitune.launcher.job_config import JobConfig, check_against_model, load_job_config
-from infinitune.typed_config import ConfigError, apply_overrides, describe, field_docs
+from infinitune.typed_config import ConfigError, apply_overrides, describe
 
 from .conftest import REPO
 
@@ -181,8 +181,7 @@ def test_override_syntax_errors():
 def test_field_docstrings_are_the_help_text():
     from infinitune.data_pipeline.config import DataConfig
 
-    docs = field_docs(DataConfig)
-    assert "Tokens per training sample" in docs["seq_len"]
+    assert "Tokens per training sample" in dict((k, d) for k, _, _, d in describe(DataConfig))["seq_len"]
     rows = {key: doc for key, _, _, doc in describe(JobConfig)}
     assert "data.sources[].path" in rows and "train.lr" in rows and "model.adapter.method" in rows
     undocumented = [key for key, doc in rows.items() if not doc]
@@ -247,6 +246,8 @@ def test_the_json_schema_is_current_and_checks_every_shipped_config():
     assert any("learning_rate" in e.message for e in validator.iter_errors(misspelt))
     wrong_type = {**quickstart, "data": {**quickstart["data"], "packing": "maybe"}}
     assert [e.json_path for e in validator.iter_errors(wrong_type)] == ["$.data.packing"]
+    out_of_range = {**quickstart, "train": {**quickstart["train"], "max_steps": 0}}
+    assert [e.json_path for e in validator.iter_errors(out_of_range)] == ["$.train.max_steps"]
 
 
 def test_the_worker_entry_point_checks_the_whole_config(tmp_path):

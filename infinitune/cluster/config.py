@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import Field
+
 from infinitune.trainer.plan import GPUS
 from infinitune.typed_config import Section, require
 
@@ -19,11 +23,11 @@ class ClusterConfig(Section):
     check once nodes return. The global batch, learning-rate schedule and sample order are the same at every
     size (gradient accumulation makes up the difference)."""
 
-    resize_check_s: float = 60.0
+    resize_check_s: float = Field(60.0, gt=0)
     """With a range of workers: how often, while the job runs, Ray looks for room to grow it (each resize
     restarts the workers from the newest complete checkpoint)."""
 
-    worker_start_timeout_s: float = 60.0
+    worker_start_timeout_s: float = Field(60.0, gt=0)
     """How long Ray Train waits for a worker group to start before it decides again. An elastic job that lost a
     node may first try its old size while the node's resources are still counted, and shrinks only after this
     timeout; lower it to shrink sooner, but above the time workers take to start (image pulls, imports)."""
@@ -36,17 +40,17 @@ class ClusterConfig(Section):
     `submit` plan the job for it first (`infinitune plan`) and refuse one predicted not to fit in its memory,
     saying what would fit. null: not checked (a CPU run, or a GPU not in the list)."""
 
-    interconnect_gbps: float = 400.0
+    interconnect_gbps: float = Field(400.0, gt=0)
     """Each GPU's network bandwidth between nodes, in Gb/s, for the plan's estimate of the time ZeRO's
     collectives take per step (400 for one 400G NIC per GPU; NVLink within a node is faster)."""
 
-    cpus_per_worker: int = 1
+    cpus_per_worker: int = Field(1, gt=0)
     """CPUs reserved for each worker (its DataLoader workers run within them)."""
 
-    placement_strategy: str = "PACK"
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     """Ray placement: PACK (fill nodes), SPREAD, STRICT_PACK or STRICT_SPREAD."""
 
-    max_failures: int = 3
+    max_failures: int = Field(3, ge=-1)
     """Times the workers are restarted after a failure before the job fails (-1: without limit): by Ray, or
     with `--local` by torchrun's agent (its --max-restarts)."""
 
@@ -71,12 +75,6 @@ class ClusterConfig(Section):
             )
         else:
             require(self.num_workers > 0, "num_workers", f"must be positive; got {self.num_workers}")
-        require(self.worker_start_timeout_s > 0, "worker_start_timeout_s", "must be positive")
-        require(self.resize_check_s > 0, "resize_check_s", f"must be positive; got {self.resize_check_s}")
-        require(self.cpus_per_worker > 0, "cpus_per_worker", f"must be positive; got {self.cpus_per_worker}")
-        strategies = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-        require(self.placement_strategy in strategies, "placement_strategy", f"must be one of {strategies}")
-        require(self.max_failures >= -1, "max_failures", f"must be >= -1; got {self.max_failures}")
         require(bool(self.storage_path.strip()), "storage_path", "must name a directory or URI")
         require(
             "@" not in self.storage_path.split("://", 1)[-1].split("/", 1)[0],
@@ -85,7 +83,6 @@ class ClusterConfig(Section):
         )
         require(self.object_store_memory_mb >= 78, "object_store_memory_mb", "Ray needs at least 78 MB")
         require(self.gpu is None or self.gpu in GPUS, "gpu", f"one of {', '.join(GPUS)}, or null; got {self.gpu!r}")
-        require(self.interconnect_gbps > 0, "interconnect_gbps", f"must be positive; got {self.interconnect_gbps}")
 
     @property
     def worker_range(self) -> tuple[int, int]:

@@ -29,19 +29,9 @@ def submit(address: str, config_yaml: str, working_dir: str = ".") -> str:
     """Submit `infinitune train` of the resolved config `config_yaml` as a Ray Job; returns its id. The
     package and the working directory travel with it, so the cluster needs only Ray and the dependencies;
     relative paths in the config are read from the working directory there."""
-    entrypoint = " ".join(
-        shlex.quote(x)
-        # The plan was checked (or overridden) where the job was submitted.
-        for x in [
-            "python",
-            "-m",
-            "infinitune.launcher.cli",
-            "train",
-            "--ignore-plan",
-            f"env:{SUBMITTED_CONFIG}",
-            "cluster.address=auto",
-        ]
-    )
+    # The plan was checked (or overridden) where the job was submitted.
+    cli = ["python", "-m", "infinitune.launcher.cli", "train", "--ignore-plan", f"env:{SUBMITTED_CONFIG}"]
+    entrypoint = shlex.join([*cli, "cluster.address=auto"])
     runtime_env: dict[str, Any] = {
         "working_dir": working_dir,
         "excludes": EXCLUDES,

@@ -283,12 +283,7 @@ class RayContext(RunContext):
             return False
 
     def stopped_by_driver(self) -> bool:
-        if self.stop is None:
-            return False
-        try:
-            return ray.get(self.stop.get.remote(), timeout=10) is not None
-        except Exception:  # the driver gone: Ray ends the workers anyway
-            return False
+        return self.stop is not None and _stop_requested(self.stop, timeout=10)
 
 
 def _train_fn(config: dict[str, Any]) -> None:
@@ -456,10 +451,10 @@ def _fit_off_the_main_thread(trainer) -> None:
         raise outcome["error"]
 
 
-def _stop_requested(stop) -> bool:
+def _stop_requested(stop, timeout: float = 30) -> bool:
     try:
-        return ray.get(stop.get.remote(), timeout=30) is not None
-    except Exception:  # the flag's actor lost: nobody can have set it since
+        return ray.get(stop.get.remote(), timeout=timeout) is not None
+    except Exception:  # the flag's actor (or the driver) lost: nobody can have set it since
         return False
 
 

@@ -297,7 +297,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     import json
 
-    from infinitune.launcher.job_config import JobConfig, check_against_model, load_job_config
+    from infinitune.launcher.job_config import JobConfig, check_against_model, dump_job_config, load_job_config
     from infinitune.typed_config import describe, json_schema
 
     if args.schema:
@@ -309,9 +309,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     cfg = load_job_config(args.config, args.overrides)
     if args.check_model:
         check_against_model(cfg)
-    import yaml
-
-    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    print(dump_job_config(cfg), end="")
     return 0
 
 

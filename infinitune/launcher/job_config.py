@@ -26,7 +26,7 @@ from infinitune.trainer.config import (
 )
 from infinitune.trainer.plan import ModelShape, known_config, make_plan
 from infinitune.trainer.spec import TrainerSpec
-from infinitune.typed_config import ConfigError, Section, apply_overrides, from_dict, require, to_dict
+from infinitune.typed_config import ConfigError, Section, apply_overrides, from_dict, require
 
 
 def check_batch_fits(global_batch: int, micro_batch: int, workers: int) -> None:
@@ -110,7 +110,7 @@ class JobConfig(Section):
             )
 
     def to_dict(self) -> dict[str, Any]:
-        return to_dict(self)
+        return self.model_dump()
 
     def trainer_spec(self, run_dir: str | os.PathLike) -> TrainerSpec:
         """What each worker's loop receives: the sections it uses, the run directory, the whole resolved config

@@ -129,9 +129,6 @@ class Host:
         """The host's network goes away (a switch port, a cable); its processes keep running."""
         self._link("down")
 
-    def restore_link(self) -> None:
-        self._link("up")
-
     def _link(self, state: str) -> None:
         _ip("-n", self.switch, "link", "set", self.link, state)
 

@@ -33,8 +33,8 @@ from infinitune.trainer.background import BackgroundWrite, SnapshotEngine
 from infinitune.trainer.checkpoint_errors import CheckpointError
 from infinitune.trainer.checkpoint_format import (
     COMPLETE,
+    checkpoint_problem,
     listing_hash,
-    listing_problem,
     point_latest,
     rank_state_path,
     read_marker,
@@ -360,16 +360,9 @@ class Checkpointer:
         part.load_state_dict(read_rank_state(path))
 
     def _problem(self, directory: Path) -> str | None:
-        """Why this rank cannot use the checkpoint (its own share of the files), or None."""
-        complete, problem = read_marker(directory)
-        if complete is None:
-            return problem
-        # Each rank checks the files of the writers it stands for: with another world size, every world_size-th.
-        for writer in range(self.rank, complete["world_size"], self.world_size):
-            problem = listing_problem(directory, writer, complete["ranks"].get(str(writer)), self.verify)
-            if problem:
-                return problem
-        return None
+        """Why this rank cannot use the checkpoint, or None. Each rank checks the files of the writers it
+        stands for: with another world size, every world_size-th."""
+        return checkpoint_problem(directory, self.verify, self.rank, self.world_size)
 
     def _problem_anywhere(self, directory: Path) -> str | None:
         """Why some rank cannot use `directory` (each rank checks its share), or None."""

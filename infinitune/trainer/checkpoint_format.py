@@ -134,14 +134,15 @@ def listing_problem(directory: Path, rank: int, expected_sha: str | None, verify
     return None
 
 
-def checkpoint_problem(directory: Path, verify: str = "size") -> str | None:
-    """Why a checkpoint cannot be used, checking every rank's files in this one process; None if whole."""
+def checkpoint_problem(directory: Path, verify: str = "size", first: int = 0, stride: int = 1) -> str | None:
+    """Why a checkpoint cannot be used, or None if whole: the files of writers first, first + stride, ... (a
+    rank's share, when each of `stride` ranks checks its own; by default every writer's, in this process)."""
     if not directory.is_dir():
         return "no such checkpoint directory"
     complete, problem = read_marker(directory)
     if complete is None:
         return problem
-    for rank in range(complete["world_size"]):
+    for rank in range(first, complete["world_size"], stride):
         problem = listing_problem(directory, rank, complete["ranks"].get(str(rank)), verify)
         if problem:
             return problem

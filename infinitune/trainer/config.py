@@ -13,7 +13,6 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 DTYPES: tuple[str, ...] = get_args(Dtype)
 EarlyStoppingMetric = Literal[("loss", *GENERATION_METRICS)]  # type: ignore[valid-type]
 
-ADAPTER_METHODS = ("lora", "adalora", "prefix", "ia3")
 MERGEABLE = frozenset({"lora", "adalora", "ia3"})  # folded into the base weights at export
 
 
@@ -27,10 +26,10 @@ class AdapterConfig(Section):
     ZeRO stage 0 only: it reads whole gradients), prefix (trained key/value prefixes in every layer; needs
     data.packing false), ia3 (learned rescaling of activations)."""
 
-    r: int = 16
+    r: int = Field(16, gt=0)
     """LoRA: rank of the adapter matrices. AdaLoRA: the average rank it prunes down to."""
 
-    alpha: float = 32.0
+    alpha: float = Field(32.0, gt=0)
     """LoRA and AdaLoRA: scaling numerator, the update is scaled by alpha / r."""
 
     dropout: float = 0.05
@@ -42,7 +41,7 @@ class AdapterConfig(Section):
     init_r: int = 24
     """AdaLoRA: the rank every adapted module starts with, before pruning towards r."""
 
-    num_virtual_tokens: int = 16
+    num_virtual_tokens: int = Field(16, gt=0)
     """Prefix tuning: length of the trained prefix."""
 
     feedforward_modules: list[str] = Field(default_factory=list)
@@ -50,12 +49,9 @@ class AdapterConfig(Section):
     typically); empty: every target named like an MLP projection (down_proj, fc2, c_proj, w2)."""
 
     def check(self) -> None:
-        require(self.r > 0, "r", f"must be positive; got {self.r}")
-        require(self.alpha > 0, "alpha", f"must be positive; got {self.alpha}")
         require(0 <= self.dropout < 1, "dropout", f"must be in [0, 1); got {self.dropout}")
         require(len(self.target_modules) > 0, "target_modules", "name at least one module, or all-linear")
         require(self.init_r >= self.r, "init_r", f"must be >= r ({self.r}); got {self.init_r}")
-        require(self.num_virtual_tokens > 0, "num_virtual_tokens", "must be positive")
         if self.method == "ia3" and self.target_modules != ["all-linear"]:
             extra = [m for m in self.feedforward_modules if m not in self.target_modules]
             require(not extra, "feedforward_modules", f"{extra} are not in target_modules")
@@ -91,7 +87,7 @@ class ModelConfig(Section):
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
 
-    loss_chunk_tokens: int = 0
+    loss_chunk_tokens: int = Field(0, ge=0)
     """Run the output layer and loss over at most this many positions at once (a micro-batch of B sequences of
     T tokens in ceil(B x (T - 1) / this) pieces, the same on every rank), each piece's logits recomputed in the
     backward pass, so that the micro-batch's logits (trained positions x vocabulary: 8 GB in fp32 for 16k
@@ -109,19 +105,18 @@ class ModelConfig(Section):
 
     def check(self) -> None:
         require(bool(self.path.strip()), "path", "must name a model directory, .gguf file or hub id")
-        require(self.loss_chunk_tokens >= 0, "loss_chunk_tokens", f"must be >= 0; got {self.loss_chunk_tokens}")
 
 
 class TrainConfig(Section):
     """Optimisation: batch, steps, learning rate and its schedule."""
 
-    global_batch_size: int = 8
+    global_batch_size: int = Field(8, gt=0)
     """Sequences per optimizer step, over all workers (micro_batch_size x workers x accumulation)."""
 
-    micro_batch_size: int = 1
+    micro_batch_size: int = Field(1, gt=0)
     """Sequences per forward/backward pass on one worker."""
 
-    max_steps: int = 100
+    max_steps: int = Field(100, gt=0)
     """Optimizer steps to run."""
 
     lr: float = 2.0e-5
@@ -130,32 +125,32 @@ class TrainConfig(Section):
     min_lr_ratio: float = 0.1
     """Learning rate at the end of the schedule, as a fraction of lr."""
 
-    warmup_steps: int = 10
+    warmup_steps: int = Field(10, ge=0)
     """Linear warmup steps from 0 to lr."""
 
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """Decay after warmup."""
 
-    weight_decay: float = 0.0
+    weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay."""
 
     betas: list[float] = Field(default_factory=lambda: [0.9, 0.95])
     """AdamW betas."""
 
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = Field(1.0, ge=0)
     """Clip the global gradient norm to this (0: no clipping)."""
 
-    eval_every: int = 50
+    eval_every: int = Field(50, ge=0)
     """Evaluate on the validation split every this many steps (0: never)."""
 
-    early_stopping_patience: int = 0
+    early_stopping_patience: int = Field(0, ge=0)
     """Stop after this many evaluations without a better `early_stopping_metric` (0: never)."""
 
     early_stopping_metric: EarlyStoppingMetric = "loss"
     """What early stopping watches: validation loss (lower is better) or a score of the generated answers
     (higher is better; it must be in eval_metrics)."""
 
-    eval_generations: int = 4
+    eval_generations: int = Field(4, ge=0)
     """Validation tasks answered greedily at each evaluation (the same ones each time): scored by
     eval_metrics, and a few logged in full as TensorBoard text."""
 
@@ -163,14 +158,13 @@ class TrainConfig(Section):
     """Scores of the generated answers against the references, written as eval/<name>: exact_match,
     rouge_l (F1, rouge-score), bleu (corpus BLEU, sacrebleu). The validation loss is always computed."""
 
-    max_new_tokens: int = 64
+    max_new_tokens: int = Field(64, gt=0)
     """Longest generated answer in evaluation."""
 
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     """Seed for model initialisation (LoRA), dropout and per-rank random state."""
 
     def check(self) -> None:
-        require(self.eval_generations >= 0, "eval_generations", f"must be >= 0; got {self.eval_generations}")
         unknown = [m for m in self.eval_metrics if m not in GENERATION_METRICS]
         require(not unknown, "eval_metrics", f"unknown {unknown}; choose from {', '.join(GENERATION_METRICS)}")
         if self.early_stopping_patience and self.early_stopping_metric != "loss":
@@ -179,9 +173,6 @@ class TrainConfig(Section):
                 "early_stopping_metric",
                 f"{self.early_stopping_metric} is only computed when it is in eval_metrics and eval_generations > 0",
             )
-        require(self.max_new_tokens > 0, "max_new_tokens", f"must be positive; got {self.max_new_tokens}")
-        for name in ("global_batch_size", "micro_batch_size", "max_steps"):
-            require(getattr(self, name) > 0, name, f"must be positive; got {getattr(self, name)}")
         require(
             self.global_batch_size % self.micro_batch_size == 0,
             "global_batch_size",
@@ -189,17 +180,11 @@ class TrainConfig(Section):
         )
         require(0 < self.lr < 1, "lr", f"must be in (0, 1); got {self.lr}")
         require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1]; got {self.min_lr_ratio}")
-        require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0; got {self.warmup_steps}")
-        require(self.weight_decay >= 0, "weight_decay", f"must be >= 0; got {self.weight_decay}")
         require(
             len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
             "betas",
             f"two values in [0, 1); got {self.betas}",
         )
-        require(self.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0; got {self.max_grad_norm}")
-        require(self.eval_every >= 0, "eval_every", f"must be >= 0; got {self.eval_every}")
-        require(self.early_stopping_patience >= 0, "early_stopping_patience", "must be >= 0")
-        require(self.seed >= 0, "seed", f"must be >= 0; got {self.seed}")
 
 
 class DeepSpeedConfig(Section):
@@ -242,10 +227,10 @@ class DeepSpeedConfig(Section):
 class CheckpointConfig(Section):
     """Resumable checkpoints (separate from the serving export)."""
 
-    every_steps: int = 100
+    every_steps: int = Field(100, ge=0)
     """Save every this many steps (also at the end and on preemption). 0: only at the end and on preemption."""
 
-    keep_last: int = 2
+    keep_last: int = Field(2, ge=1)
     """Complete checkpoints to keep; older ones are deleted only after a newer one is complete."""
 
     resume: str = "auto"
@@ -257,7 +242,7 @@ class CheckpointConfig(Section):
     the weights, learning-rate schedule, data position and random state are restored and the optimizer
     starts afresh (after changing its settings, say)."""
 
-    preemption_grace_s: float = 120.0
+    preemption_grace_s: float = Field(120.0, gt=0)
     """Seconds allowed, after SIGTERM/SIGUSR1, to reach a step boundary, save and exit."""
 
     async_save: bool = False
@@ -267,10 +252,7 @@ class CheckpointConfig(Section):
     files. The save at the end and on preemption is always waited for."""
 
     def check(self) -> None:
-        require(self.every_steps >= 0, "every_steps", f"must be >= 0; got {self.every_steps}")
-        require(self.keep_last >= 1, "keep_last", f"must be >= 1; got {self.keep_last}")
         require(bool(self.resume.strip()), "resume", "auto, none, or a checkpoint path")
-        require(self.preemption_grace_s > 0, "preemption_grace_s", "must be positive")
 
 
 class LoggingConfig(Section):
@@ -279,7 +261,7 @@ class LoggingConfig(Section):
     tensorboard: bool = True
     """Write TensorBoard event files under the run directory (rank 0)."""
 
-    log_every: int = 1
+    log_every: int = Field(1, gt=0)
     """Write step metrics every this many steps. Only logging, eval and save steps wait for the device (to read
     the loss back), so on GPUs log every 10 or more. Throughput is over the steps since the last log."""
 
@@ -295,5 +277,4 @@ class LoggingConfig(Section):
     check an export against the engine."""
 
     def check(self) -> None:
-        require(self.log_every > 0, "log_every", f"must be positive; got {self.log_every}")
         require(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", "must be positive")

@@ -6,20 +6,15 @@ from typing import Any
 
 from infinitune.data_pipeline.stream import BatchLayout
 from infinitune.trainer.config import DeepSpeedConfig, TrainConfig
-
-ZERO3_DEFAULT_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default, in elements
-MIN_REDUCE_BUCKET = 1 << 24  # small models still reduce their gradients in few calls
+from infinitune.trainer.plan import zero3_reduce_bucket
 
 
 def deepspeed_config(
     ds: DeepSpeedConfig, train: TrainConfig, layout: BatchLayout, hidden_size: int | None = None
 ) -> dict[str, Any]:
     """The config for `deepspeed.initialize`. The optimizer is DeepSpeed's only when its state is offloaded
-    (DeepSpeedCPUAdam); otherwise the loop hands it a torch AdamW, which needs no compiled op.
-
-    ZeRO-3's gradient reduce bucket is sized to the model's `hidden_size`: hidden_size² elements (transformers'
-    "auto"), at least 16M, at most DeepSpeed's 5e8. Every rank allocates the bucket whole (2 GB at DeepSpeed's
-    default in fp32, 1 GB in bf16), which for a small model is more than its gradients."""
+    (DeepSpeedCPUAdam); otherwise the loop hands it a torch AdamW, which needs no compiled op. ZeRO-3's reduce
+    bucket is sized to the model's `hidden_size` (`plan.zero3_reduce_bucket`)."""
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage >= 1:
         zero.update(overlap_comm=ds.zero_stage >= 2, contiguous_gradients=True, reduce_scatter=True)
@@ -30,7 +25,7 @@ def deepspeed_config(
             stage3_gather_16bit_weights_on_model_save=False,
         )
         if hidden_size:
-            zero["reduce_bucket_size"] = min(ZERO3_DEFAULT_REDUCE_BUCKET, max(hidden_size**2, MIN_REDUCE_BUCKET))
+            zero["reduce_bucket_size"] = zero3_reduce_bucket(hidden_size)
     for key, where in (("offload_optimizer", ds.offload_optimizer), ("offload_param", ds.offload_params)):
         if where != "none":
             zero[key] = {"device": where, "pin_memory": where == "cpu"}

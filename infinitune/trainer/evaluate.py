@@ -5,7 +5,6 @@ evaluations during training."""
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,10 +43,6 @@ def validation_loss(engine, loader: StatefulLoader) -> tuple[float, int]:
     engine.train()
     total_t, tokens_t = distributed.all_reduce(total), distributed.all_reduce(tokens)
     return float(total_t / max(tokens_t.item(), 1)), int(tokens_t.item())
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(min(loss, 50.0))
 
 
 @dataclass
@@ -181,7 +176,8 @@ def evaluate_examples(
         }
         for e in examples
     ]
-    if any(m in GENERATION_METRICS for m in metrics):
+    generating = any(m in GENERATION_METRICS for m in metrics)
+    if generating:
         answers = generate(
             lm,
             tokenizer,
@@ -196,7 +192,8 @@ def evaluate_examples(
         for row, answer in zip(rows, answers):
             row["answer"] = answer
     if "loss" in metrics:
-        for row, (total, n) in zip(rows, answer_losses(lm, examples, batch_size)):
+        # The progress counts examples once: by the generation when there is one.
+        for row, (total, n) in zip(rows, answer_losses(lm, examples, batch_size, None if generating else progress)):
             row["loss_sum"], row["loss_tokens"] = total, n
     return rows
 

@@ -111,7 +111,7 @@ def _generate_with_prefix(lm, ids, mask, max_new_tokens, eos, pad, sampling, syn
     batch = ids.shape[0]
     attention = torch.cat([torch.ones(batch, n_prefix, dtype=mask.dtype, device=mask.device), mask], 1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0) + n_prefix
-    cache_arg = cache_argument(base)
+    cache_arg = cache_argument(type(base))
     out = base(
         input_ids=ids,
         attention_mask=attention,

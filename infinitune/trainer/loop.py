@@ -31,13 +31,7 @@ from infinitune.trainer.config import (
 )
 from infinitune.trainer.context import RunContext
 from infinitune.trainer.ds_config import deepspeed_config
-from infinitune.trainer.evaluate import (
-    as_markdown,
-    evaluate_examples,
-    examples_from_shards,
-    perplexity,
-    validation_loss,
-)
+from infinitune.trainer.evaluate import as_markdown, evaluate_examples, examples_from_shards, validation_loss
 from infinitune.trainer.metrics import (
     FlopCounter,
     MetricsWriter,
@@ -51,7 +45,7 @@ from infinitune.trainer.model import PRECISION_DTYPES, AdaLoraBudget, build_mode
 from infinitune.trainer.preemption import EXIT_PREEMPTED, Preemption
 from infinitune.trainer.random_state import RandomState, seed_everything
 from infinitune.trainer.schedule import make_scheduler
-from infinitune.trainer.scoring import HIGHER_IS_BETTER, score_rows
+from infinitune.trainer.scoring import HIGHER_IS_BETTER, perplexity, score_rows
 from infinitune.trainer.spec import TrainerSpec
 
 log = logging.getLogger(__name__)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import resource
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 
 # Dense bf16/fp16 peak TFLOP/s of known accelerators (vendor datasheets, without sparsity).
@@ -72,11 +72,7 @@ class FlopCounter:
 
 
 def host_rss_gb() -> float:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
-    except OSError:  # no /proc: the high-water mark is the nearest figure
-        return host_peak_rss_gb()
+    return psutil.Process().memory_info().rss / 2**30
 
 
 def host_peak_rss_gb() -> float:
@@ -85,14 +81,9 @@ def host_peak_rss_gb() -> float:
 
 
 def process_counts() -> tuple[int, int]:
-    """(open file descriptors, threads) of this process: what a leak would grow (Linux; zeros elsewhere)."""
-    try:
-        fds = len(os.listdir("/proc/self/fd"))
-        with open("/proc/self/status") as f:
-            threads = next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
-        return fds, threads
-    except (OSError, StopIteration, ValueError):
-        return 0, 0
+    """(open file descriptors, threads) of this process: what a leak would grow."""
+    process = psutil.Process()
+    return process.num_fds(), process.num_threads()
 
 
 def device_memory_gb() -> tuple[float, float]:

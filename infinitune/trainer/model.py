@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from infinitune.data_pipeline.template import IGNORE
 from infinitune.data_pipeline.tokenizer import resolve_model_source
-from infinitune.trainer.config import ADAPTER_METHODS, DTYPES, AdapterConfig, ModelConfig
+from infinitune.trainer.config import DTYPES, AdapterConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -132,14 +132,9 @@ def prefix_length(lm: nn.Module) -> int:
     return int(config.num_virtual_tokens) if config is not None and config.is_prompt_learning else 0
 
 
-def cache_argument(module: nn.Module) -> str:
+@functools.cache  # once per class: the prefix path asks at every training step
+def cache_argument(cls: type) -> str:
     """What this transformers calls the KV cache argument (`cache` since 5.x, `past_key_values` before)."""
-    return _cache_argument(type(module))
-
-
-@functools.cache
-def _cache_argument(cls: type) -> str:  # once per class: the prefix path asks at every training step
-
     return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
@@ -165,7 +160,7 @@ def prefix_decoder_forward(lm: nn.Module, input_ids: torch.Tensor, position_ids:
         position_ids=position_ids + n_prefix,
         attention_mask=mask,
         use_cache=False,
-        **{cache_argument(decoder): cache},
+        **{cache_argument(type(decoder)): cache},
     )
     return out.last_hidden_state
 
@@ -296,9 +291,7 @@ def peft_config(adapter: AdapterConfig, total_steps: int):
             m for m in IA3_FEEDFORWARD if targets == "all-linear" or m in targets
         ]
         return peft.IA3Config(target_modules=targets, feedforward_modules=feedforward, **common)
-    if adapter.method == "prefix":
-        return peft.PrefixTuningConfig(num_virtual_tokens=adapter.num_virtual_tokens, **common)
-    raise ValueError(f"model.adapter.method: {adapter.method!r} is not one of {', '.join(ADAPTER_METHODS)}")
+    return peft.PrefixTuningConfig(num_virtual_tokens=adapter.num_virtual_tokens, **common)  # "prefix"
 
 
 def apply_adapter(model: nn.Module, adapter: AdapterConfig, seed: int, total_steps: int) -> nn.Module:

@@ -36,6 +36,13 @@ CHECKPOINT_SHARD_BYTES = 5e9  # transformers' default max_shard_size
 RUNTIME_RESERVE_GB = 2.0
 
 
+def zero3_reduce_bucket(hidden: int) -> int:
+    """ZeRO-3's gradient reduce bucket sized to the model, as the trainer sets it: hidden² elements
+    (transformers' "auto"), at least 16M, at most DeepSpeed's default 5e8. Every rank allocates the bucket whole
+    (2 GB at DeepSpeed's default in fp32), which for a small model is more than its gradients."""
+    return min(DEEPSPEED_STAGE12_BUCKET, max(hidden * hidden, 1 << 24))
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """The sizes of a decoder-only transformer, as its config.json gives them."""
@@ -206,17 +213,15 @@ def make_plan(
     gradient_checkpointing: bool = False,
     loss_chunk_tokens: int = 0,
     lora_r: int | None = None,
-    reduce_bucket: int | None = None,
     persistence_threshold: int = 100_000,
     gpu: str = "H100",
     device_memory_gb: float | None = None,
-    peak_tflops: float | None = None,
     interconnect_gbps: float = 400.0,
     model_name: str = "model",
 ) -> Plan:
     """The plan of one job (see the module's docstring)."""
     memory, peak = GPUS.get(gpu, (0.0, 0.0))
-    memory, peak = device_memory_gb or memory, peak_tflops or peak
+    memory = device_memory_gb or memory
     trained = shape.lora_params(lora_r) if lora_r else shape.params
     total = shape.params + trained if lora_r else shape.params  # an adapter's weights come on top of the base's
     w = world
@@ -273,7 +278,7 @@ def make_plan(
         )
     )
     if zero_stage == 3:
-        bucket = reduce_bucket or min(500_000_000, max(shape.hidden**2, 1 << 24))
+        bucket = zero3_reduce_bucket(shape.hidden)
         largest = 2 * p * shape.largest_layer  # gathered whole, with its whole gradient before the reduce-scatter
         prefetch = p * min(DEEPSPEED_PREFETCH_BUCKET, total)
         persistent = p * (2 * shape.layers + 1) * shape.hidden if shape.hidden < persistence_threshold else 0
@@ -292,10 +297,8 @@ def make_plan(
         sent = accumulation * (2 * p * total + p * trained) * ring  # gather forward and backward, reduce-scatter
     elif zero_stage == 2:
         sent = (accumulation + 1) * p * trained * ring  # reduce-scatter every micro-batch, gather once
-    elif zero_stage == 1:
-        sent = 2 * p * trained * ring
     else:
-        sent = 2 * p * trained * ring  # an all-reduce
+        sent = 2 * p * trained * ring  # an all-reduce (stage 1: a reduce-scatter and an all-gather, the same)
     tokens = accumulation * micro_batch * seq_len
     attention = 12 * shape.layers * shape.heads * shape.head_dim * seq_len / 2  # causal: half the context
     flops = tokens * (6 * trained + 4 * (total - trained) + attention)

@@ -14,6 +14,10 @@ METRICS = (*GENERATION_METRICS, "loss")
 HIGHER_IS_BETTER = {**dict.fromkeys(GENERATION_METRICS, True), "loss": False, "ppl": False}
 
 
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))  # a diverged run's loss must not overflow the metric
+
+
 def parse_metrics(text: str | Sequence[str], key: str = "--metrics") -> list[str]:
     """Metric names from `a,b,c` or a list; unknown names refused, naming the known ones."""
     names = [m.strip() for m in (text.split(",") if isinstance(text, str) else text) if m.strip()]
@@ -84,7 +88,7 @@ def score_rows(rows: list[dict[str, Any]], metrics: Sequence[str]) -> dict[str, 
     if "loss" in metrics:
         tokens = sum(r.get("loss_tokens", 0) for r in rows)
         out["loss"] = sum(r.get("loss_sum", 0.0) for r in rows) / max(tokens, 1)
-        out["ppl"] = math.exp(min(out["loss"], 50.0))
+        out["ppl"] = perplexity(out["loss"])
         out["loss_tokens"] = tokens
         for r in rows:
             if r.get("loss_tokens"):

@@ -177,3 +177,42 @@ def test_only_gpu_jobs_that_name_their_gpu_are_checked():
         check_plan_fits(load_job_config(config, too_big))
     check_plan_fits(load_job_config(config, [*too_big, "cluster.gpu=null"]))  # no GPU named: not checked
     check_plan_fits(load_job_config(config, [*too_big, "cluster.use_gpu=false"]))  # a CPU job
+
+
+def test_zero_stage_auto_is_0_where_the_whole_model_fits_on_a_device_else_3():
+    from infinitune.launcher.job_config import choose_zero_stage, load_job_config
+
+    def choose(*overrides, memory=None):
+        cfg = load_job_config(REPO / "configs" / "llama-1b-1gpu.yaml", ["deepspeed.zero_stage=auto", *overrides])
+        chosen, why = choose_zero_stage(cfg, memory)
+        assert chosen.deepspeed.zero_stage == int(why[0]), why  # the config carries what the reason says
+        return why
+
+    assert choose().startswith("0 (auto: at stage 0 a worker holds ")  # a 1B model, an H100's 80 GB
+    assert choose("cluster.gpu=L4").startswith("3 (auto: at stage 0 a worker would hold ")  # 24 GB: partitioned
+    assert choose(memory=40.0).startswith("3 ")  # the memory given wins over cluster.gpu's
+    assert choose("data.seq_len=256", memory=40.0).startswith("0 ")  # fewer activations: it fits again
+    assert choose("cluster.gpu=null") == "3 (auto: the memory of a device is unknown (set cluster.gpu))"
+    assert choose("deepspeed.offload_optimizer=cpu") == "3 (auto: offloading needs ZeRO's partitions)"
+    assert choose("deepspeed.zero_stage=2") == "2 (configured)"  # a stage given is kept, fitting or not
+    assert choose("model.adapter.method=adalora").startswith("0 (auto: AdaLoRA")
+    cpu = ["cluster.use_gpu=false", "cluster.gpu=null"]
+    assert choose(*cpu, memory=1000.0).startswith("0 ") and choose(*cpu, memory=1.0).startswith("3 ")
+    assert choose(*cpu, "cluster.address=ray://head:10001") == (
+        "3 (auto: the memory of a device is unknown (the cluster's hosts are not this machine))"
+    )
+
+
+def test_zero_stage_auto_is_chosen_before_the_workers_and_shown(tmp_path):
+    from infinitune.launcher.job_config import load_job_config
+    from infinitune.typed_config import ConfigError
+
+    config = REPO / "configs" / "llama-1b-1gpu.yaml"
+    with pytest.raises(ConfigError, match="deepspeed.zero_stage: auto is chosen before"):
+        load_job_config(config, ["deepspeed.zero_stage=auto"]).trainer_spec(tmp_path)
+    out = cli("plan", str(config), "deepspeed.zero_stage=auto")
+    assert out.returncode == 0, out.stderr
+    assert "ZeRO stage: 0 (auto: at stage 0 a worker holds" in out.stdout
+    assert "ZeRO-3" not in out.stdout  # planned at the stage chosen: no partition buckets
+    out = cli("plan", str(config), "deepspeed.zero_stage=auto", "--gpu", "L4", "--json")
+    assert out.returncode == 0 and json.loads(out.stdout)["settings"]["zero_stage"] == 3, out.stderr

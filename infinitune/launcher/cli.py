@@ -156,12 +156,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         absolute_paths,
         check_against_model,
         check_plan_fits,
+        choose_zero_stage,
         load_job_config,
         run_location,
     )
 
     cfg = absolute_paths(load_job_config(args.config, args.overrides))
     check_against_model(cfg)
+    cfg, stage = choose_zero_stage(cfg)
+    print(f"ZeRO stage:    {stage}", flush=True)
     if not args.ignore_plan:
         check_plan_fits(cfg)
     return _run(cfg, run_location(cfg)[0], args.local)
@@ -182,6 +185,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from infinitune.cluster import jobs
     from infinitune.launcher.job_config import (
         check_plan_fits,
+        choose_zero_stage,
         dump_job_config,
         load_job_config,
         run_location,
@@ -189,6 +193,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     )
 
     cfg = load_job_config(args.config, args.overrides)  # refuse a bad config before anything reaches the cluster
+    cfg, stage = choose_zero_stage(cfg)  # here, where cluster.gpu says what a device holds
+    print(f"ZeRO stage: {stage}", file=sys.stderr)
     if not args.ignore_plan:
         check_plan_fits(cfg)
     job_id = jobs.submit(args.address, dump_job_config(cfg))  # the resolved config, overrides applied
@@ -314,10 +320,14 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from infinitune.launcher.job_config import job_plan, load_job_config
+    from infinitune.launcher.job_config import choose_zero_stage, job_plan, load_job_config
+    from infinitune.trainer.plan import GPUS
 
     cfg = load_job_config(args.config, args.overrides)
+    memory = args.device_memory_gb or (GPUS[args.gpu][0] if args.gpu in GPUS else None)
+    cfg, stage = choose_zero_stage(cfg, memory)
     plan = job_plan(cfg, args.gpu, args.device_memory_gb, args.interconnect_gbps)
+    print(f"ZeRO stage: {stage}", file=sys.stderr if args.json else sys.stdout)
     print(plan.to_json() if args.json else plan.table())
     return 0
 

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import psutil
 import yaml
 from pydantic import Field
 
@@ -24,7 +25,7 @@ from infinitune.trainer.config import (
     ModelConfig,
     TrainConfig,
 )
-from infinitune.trainer.plan import ModelShape, known_config, make_plan
+from infinitune.trainer.plan import GB, GPUS, ModelShape, known_config, make_plan
 from infinitune.trainer.spec import TrainerSpec
 from infinitune.typed_config import ConfigError, Section, apply_overrides, from_dict, require
 
@@ -85,7 +86,7 @@ class JobConfig(Section):
             check_batch_fits(self.train.global_batch_size, self.train.micro_batch_size, workers)
 
         adapter = self.model.adapter
-        if adapter is not None and adapter.method == "adalora" and self.deepspeed.zero_stage > 0:
+        if adapter is not None and adapter.method == "adalora" and self.deepspeed.zero_stage not in (0, "auto"):
             raise ConfigError(
                 "model.adapter.method",
                 f"adalora with deepspeed.zero_stage {self.deepspeed.zero_stage} is not supported: AdaLoRA ranks "
@@ -115,6 +116,7 @@ class JobConfig(Section):
     def trainer_spec(self, run_dir: str | os.PathLike) -> TrainerSpec:
         """What each worker's loop receives: the sections it uses, the run directory, the whole resolved config
         (saved into checkpoints and TensorBoard)."""
+        _chosen(self.deepspeed.zero_stage)
         return TrainerSpec(
             model=self.model,
             data=self.data,
@@ -306,7 +308,7 @@ def job_plan(
     return make_plan(
         shape or ModelShape.from_config(model_config(cfg.model)),
         world=world,
-        zero_stage=cfg.deepspeed.zero_stage,
+        zero_stage=_chosen(cfg.deepspeed.zero_stage),
         precision=cfg.deepspeed.precision,
         micro_batch=cfg.train.micro_batch_size,
         seq_len=cfg.data.seq_len,
@@ -322,6 +324,50 @@ def job_plan(
         interconnect_gbps=interconnect_gbps or cfg.cluster.interconnect_gbps,
         model_name=cfg.model.path,
     )
+
+
+def _chosen(stage: int | str) -> int:
+    if stage == "auto":
+        raise ConfigError("deepspeed.zero_stage", "auto is chosen before the job is planned (choose_zero_stage)")
+    return int(stage)
+
+
+def choose_zero_stage(cfg: JobConfig, memory_gb: float | None = None) -> tuple[JobConfig, str]:
+    """The config with `deepspeed.zero_stage: auto` made a stage, and why (a configured stage is kept): 0 when
+    the model, its gradients, optimizer state and activations fit on one device of the job at stage 0 (the
+    plan's count), else 3. A device's memory: `memory_gb`, else cluster.gpu's, else on CPUs this machine's
+    memory shared by its workers (a job on this machine); unknown, 3 (it fits where 0 may not)."""
+    ds = cfg.deepspeed
+    if ds.zero_stage != "auto":
+        return cfg, f"{ds.zero_stage} (configured)"
+
+    def chosen(stage: int, why: str) -> tuple[JobConfig, str]:
+        return cfg.model_copy(
+            update={"deepspeed": ds.model_copy(update={"zero_stage": stage})}
+        ), f"{stage} (auto: {why})"
+
+    if ds.offload_optimizer != "none" or ds.offload_params != "none":
+        return chosen(3, "offloading needs ZeRO's partitions")
+    adapter = cfg.model.adapter
+    if adapter is not None and adapter.method == "adalora":
+        return chosen(0, "AdaLoRA reads whole gradients")
+    device = cfg.cluster.gpu if cfg.cluster.use_gpu else "CPU host"
+    if memory_gb is None and cfg.cluster.use_gpu and cfg.cluster.gpu is not None:
+        memory_gb = GPUS[cfg.cluster.gpu][0]
+    elif memory_gb is None and not cfg.cluster.use_gpu and cfg.cluster.address is None:
+        memory_gb = psutil.virtual_memory().total / GB / cfg.cluster.worker_range[1]
+    if memory_gb is None:
+        where = "set cluster.gpu" if cfg.cluster.use_gpu else "the cluster's hosts are not this machine"
+        return chosen(3, f"the memory of a device is unknown ({where})")
+    try:
+        zero0 = cfg.model_copy(update={"deepspeed": ds.model_copy(update={"zero_stage": 0})})
+        plan = job_plan(zero0, device_memory_gb=memory_gb)
+    except ConfigError as e:
+        return chosen(3, f"the model's size is unknown ({e.message})")
+    need = (plan.total() + (0 if cfg.cluster.use_gpu else plan.total("host"))) / GB
+    if need <= memory_gb:
+        return chosen(0, f"at stage 0 a worker holds {need:.1f} GB, within the {memory_gb:.1f} GB of its {device}")
+    return chosen(3, f"at stage 0 a worker would hold {need:.1f} GB, more than the {memory_gb:.1f} GB of its {device}")
 
 
 # Settings that lower what a GPU holds, tried one at a time when a job does not fit: (override, why).

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from infinitune.launcher.cli import EXIT_USAGE
-from infinitune.launcher.job_config import load_job_config
+from infinitune.launcher.job_config import choose_zero_stage, load_job_config
 from infinitune.launcher.local import exit_with_launcher
 from infinitune.trainer.context import RunContext
 from infinitune.trainer.loop import train
@@ -34,9 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(rank, run_dir / "logs" / f"rank{rank}.log")
     try:  # checked for the world it runs in: torchrun's, not the config's cluster.num_workers
         cfg = load_job_config(args.config, [f"cluster.num_workers={os.environ.get('WORLD_SIZE', '1')}"])
+        # A config that `infinitune train` did not write may leave the stage to choose: each rank chooses the same.
+        cfg, stage = choose_zero_stage(cfg)
     except ConfigError as e:
         logging.getLogger("infinitune").error("%s", e)
         return EXIT_USAGE
+    logging.getLogger("infinitune").info("ZeRO stage %s", stage)
     try:
         code = train(cfg.trainer_spec(run_dir), RunContext())
     except Exception:

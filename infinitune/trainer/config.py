@@ -190,8 +190,11 @@ class TrainConfig(Section):
 class DeepSpeedConfig(Section):
     """How DeepSpeed shards and computes; the DeepSpeed JSON config is generated from this."""
 
-    zero_stage: Literal[0, 1, 2, 3] = 3
-    """ZeRO stage: 0 plain data parallel, 1 optimizer state sharded, 2 + gradients, 3 + parameters."""
+    zero_stage: Literal[0, 1, 2, 3, "auto"] = "auto"
+    """ZeRO stage: 0 plain data parallel, 1 optimizer state sharded, 2 + gradients, 3 + parameters. auto: 0 when
+    the model, its gradients, optimizer state and activations fit on one device of the job (as `infinitune
+    plan` counts them; needs cluster.gpu on GPUs), else 3; 3 with offloading, 0 with AdaLoRA. The driver prints
+    the choice, and the run's saved config keeps it, so a resume does not choose again."""
 
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     """Compute precision (master weights stay fp32)."""
@@ -211,12 +214,12 @@ class DeepSpeedConfig(Section):
 
     def check(self) -> None:
         require(
-            self.offload_params == "none" or self.zero_stage == 3,
+            self.offload_params == "none" or self.zero_stage in (3, "auto"),
             "offload_params",
             f"parameter offload needs zero_stage 3; zero_stage is {self.zero_stage}",
         )
         require(
-            self.offload_optimizer == "none" or self.zero_stage >= 1,
+            self.offload_optimizer == "none" or self.zero_stage != 0,
             "offload_optimizer",
             "optimizer offload needs zero_stage >= 1",
         )

@@ -18,7 +18,10 @@ Each contender runs in its own process (its own peak memory and start-up time) a
 - final loss: the mean training loss of the last 3 steps, and the answer-token loss of the trained model on
   the 40 held-out records, computed by the same code for everyone.
 
-    python bench/peers.py [--models tiny,smollm2] [--data ../shared/data/alpaca_en_demo.json]
+Each contender runs `--repeats` times (default 3), the contenders alternating, and the table reports medians
+with the range of the runs.
+
+    python bench/peers.py [--models tiny,smollm2] [--repeats 3] [--data ../shared/data/alpaca_en_demo.json]
 
 Needs `trl` (`pip install -e '.[bench]'`).
 """
@@ -42,13 +45,14 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 HELD_OUT = 40
-# infinitune_zero0: the same without ZeRO partitioning; infinitune_order1: the same with another seeded sample
+# infinitune: the defaults (deepspeed.zero_stage auto: 0 on one worker that fits); infinitune_zero3: the same
+# with ZeRO-3 partitioning; infinitune_order1: the defaults with another seeded sample
 # order (data.seed 1), which shows how much the losses move with the order alone.
-CONTENDERS = ("infinitune", "infinitune_zero0", "infinitune_order1", "trl_packed", "trl_unpacked", "hf_trainer_zero3")
+CONTENDERS = ("infinitune", "infinitune_zero3", "infinitune_order1", "trl_packed", "trl_unpacked", "hf_trainer_zero3")
 MODELS = {
     # name: (micro batch in packed sequences, infinitune's steps, learning rate)
     "tiny": (4, 30, 1e-3),
-    "smollm2": (2, 4, 5e-5),
+    "smollm2": (2, 12, 5e-5),
 }
 
 
@@ -120,6 +124,7 @@ def main() -> None:
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "alpaca_en_demo.json"))
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=None, help="infinitune's steps (default: per model)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each contender, alternating (medians reported)")
     ap.add_argument("--workdir", default=None, help="keep models, shards and logs here (default: a temp dir)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "peers.json"))
     ap.add_argument("--merge", action="store_true", help="update the named contenders' rows in --out, keep the rest")
@@ -162,11 +167,23 @@ def main() -> None:
             rows = results["models"].get(name, {}).get("rows", {})
             if "infinitune" in rows:
                 spec["budget"] = rows["infinitune"]["trained_tokens"]
-            for contender in args.contenders.split(","):
-                rows[contender] = run_child(contender, spec, root)
-                if contender == "infinitune":
-                    spec["budget"] = rows[contender]["trained_tokens"]
-                print(name, contender, json.dumps(rows[contender]), flush=True)
+            contenders = args.contenders.split(",")
+            runs: dict[str, list[dict]] = {c: [] for c in contenders}
+            for repeat in range(args.repeats):
+                # Alternating: each repeat starts one contender later, so a slow spell of this shared machine
+                # does not fall on the same contender every time. infinitune runs first once: its trained tokens
+                # are the budget the peers stop at.
+                order = contenders[repeat % len(contenders) :] + contenders[: repeat % len(contenders)]
+                if "budget" not in spec and "infinitune" in order:
+                    order.remove("infinitune")
+                    order.insert(0, "infinitune")
+                for contender in order:
+                    runs[contender].append(run_child(contender, spec, root))
+                    if contender == "infinitune":
+                        spec["budget"] = runs[contender][0]["trained_tokens"]
+                    print(name, contender, repeat, json.dumps(runs[contender][-1]), flush=True)
+            for contender, done in runs.items():
+                rows[contender] = median_row(done)
             results["models"][name] = {
                 "records_per_packed_sequence": per_sequence,
                 "packed_batch": batch,
@@ -179,22 +196,38 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(results, indent=1))
 
 
+SPREAD = ("trained_tokens_per_s", "peak_rss_gb", "first_step_s", "held_out_loss")
+
+
+def median_row(runs: list[dict]) -> dict:
+    """The median of each figure over the runs, with the runs' range of those that noise moves."""
+    row = {k: statistics.median(r[k] for r in runs) for k in runs[0] if isinstance(runs[0][k], (int, float))}
+    row["runs"] = len(runs)
+    row["range"] = {k: [min(r[k] for r in runs), max(r[k] for r in runs)] for k in SPREAD}
+    return row
+
+
 def table(results: dict) -> str:
     lines = [
         "| model | contender | trained tokens/s | vs infinitune | peak memory (GB) | first step (s) | steps | "
         "trained tokens | final train loss | held-out answer loss |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def cell(r: dict, key: str, fmt: str) -> str:
+        low, high = r.get("range", {}).get(key, (None, None))
+        return format(r[key], fmt) + (f" ({low:{fmt}}-{high:{fmt}})" if low is not None and low != high else "")
+
     for name, m in results["models"].items():
         ours = m["rows"].get("infinitune", {}).get("trained_tokens_per_s")
         for contender, r in m["rows"].items():
             ratio = f"{r['trained_tokens_per_s'] / ours:.2f}x" if ours else "-"
             lines.append(
-                f"| {name} | {contender} | {r['trained_tokens_per_s']:.0f} | {ratio} | {r['peak_rss_gb']:.2f} | "
-                f"{r['first_step_s']:.1f} | {r['steps']} | {r['trained_tokens']} | {r['final_loss']:.3f} | "
-                f"{r['held_out_loss']:.3f} |"
+                f"| {name} | {contender} | {cell(r, 'trained_tokens_per_s', '.0f')} | {ratio} | "
+                f"{cell(r, 'peak_rss_gb', '.2f')} | {cell(r, 'first_step_s', '.1f')} | {r['steps']:.0f} | "
+                f"{r['trained_tokens']:.0f} | {r['final_loss']:.3f} | {cell(r, 'held_out_loss', '.3f')} |"
             )
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\nMedians of each contender's runs (`runs`), the range in brackets."
 
 
 # ------------------------------------------------------------------------------------------------ the children
@@ -253,7 +286,7 @@ def child(contender: str, spec: dict) -> None:
     if contender.startswith("infinitune"):
         result = run_infinitune(
             spec,
-            zero_stage=0 if contender == "infinitune_zero0" else 3,
+            zero_stage=3 if contender == "infinitune_zero3" else "auto",
             seed=1 if contender == "infinitune_order1" else 0,
         )
     else:
@@ -261,16 +294,17 @@ def child(contender: str, spec: dict) -> None:
     Path(spec["result"]).write_text(json.dumps(result))
 
 
-def run_infinitune(spec: dict, zero_stage: int, seed: int) -> dict:
+def run_infinitune(spec: dict, zero_stage: int | str, seed: int) -> dict:
     """The real worker entry point (what `infinitune train --local` starts on each rank), world size 1."""
     import yaml
 
     from infinitune.launcher import worker
+    from infinitune.launcher.job_config import choose_zero_stage, load_job_config
     from infinitune.trainer.loading import load_for_eval
 
     single_process_env()
     run_dir = Path(
-        spec["run_dir"] + ("" if zero_stage == 3 else f"-zero{zero_stage}") + (f"-seed{seed}" if seed else "")
+        spec["run_dir"] + ("" if zero_stage == "auto" else f"-zero{zero_stage}") + (f"-seed{seed}" if seed else "")
     )
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
@@ -314,6 +348,8 @@ def run_infinitune(spec: dict, zero_stage: int, seed: int) -> dict:
         spec,
     )
     result["peak_rss_with_final_save_gb"] = peak_rss_gb()[0]
+    chosen, _ = choose_zero_stage(load_job_config(run_dir / "config.yaml", ["cluster.num_workers=1"]))
+    result["zero_stage"] = chosen.deepspeed.zero_stage  # what the worker ran (auto's choice)
     model, _ = load_for_eval(str(run_dir))
     result["held_out_loss"] = held_out_loss(model, spec)
     return result

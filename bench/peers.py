@@ -125,6 +125,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=None, help="infinitune's steps (default: per model)")
     ap.add_argument("--repeats", type=int, default=3, help="runs of each contender, alternating (medians reported)")
+    ap.add_argument("--profile", default=None, help="FIRST,LAST: torch.profiler over these steps; ops side by side")
     ap.add_argument("--workdir", default=None, help="keep models, shards and logs here (default: a temp dir)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "peers.json"))
     ap.add_argument("--merge", action="store_true", help="update the named contenders' rows in --out, keep the rest")
@@ -163,6 +164,7 @@ def main() -> None:
                 "unpacked_batch": max(1, round(batch * per_sequence)),
                 "steps": args.steps or steps,
                 "lr": lr,
+                "profile": [int(s) for s in args.profile.split(",")] if args.profile else [],
             }
             rows = results["models"].get(name, {}).get("rows", {})
             if "infinitune" in rows:
@@ -192,6 +194,8 @@ def main() -> None:
                 "rows": rows,
             }
     print(table(results))
+    if args.profile:
+        print(profile_table(results))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
 
@@ -203,8 +207,33 @@ def median_row(runs: list[dict]) -> dict:
     """The median of each figure over the runs, with the runs' range of those that noise moves."""
     row = {k: statistics.median(r[k] for r in runs) for k in runs[0] if isinstance(runs[0][k], (int, float))}
     row["runs"] = len(runs)
+    profiles = [r["profile"] for r in runs if r.get("profile")]
+    if profiles:  # per op, the median over the runs that profiled
+        ops = {op for rows in profiles for op, _, _ in rows}
+        per_run = [{op: (t, n) for op, t, n in rows} for rows in profiles]
+        row["profile"] = [
+            [
+                op,
+                statistics.median(p.get(op, (0, 0))[0] for p in per_run),
+                statistics.median(p.get(op, (0, 0))[1] for p in per_run),
+            ]
+            for op in ops
+        ]
     row["range"] = {k: [min(r[k] for r in runs), max(r[k] for r in runs)] for k in SPREAD}
     return row
+
+
+def profile_table(results: dict, top: int = 25) -> str:
+    """The ops by self CPU time per step (medians over the runs), every profiled contender side by side."""
+    lines = []
+    for name, m in results["models"].items():
+        profiled = {c: r["profile"] for c, r in m["rows"].items() if r.get("profile")}
+        ms = {c: {op: t for op, t, _ in rows} for c, rows in profiled.items()}
+        ops = sorted({op for t in ms.values() for op in t}, key=lambda op: -max(t.get(op, 0) for t in ms.values()))
+        lines += [f"\n{name}: self CPU ms per step", "| op | " + " | ".join(ms) + " |", "|---" * (len(ms) + 1) + "|"]
+        lines += [f"| `{op}` | " + " | ".join(f"{t.get(op, 0):.1f}" for t in ms.values()) + " |" for op in ops[:top]]
+        lines.append("| all ops | " + " | ".join(f"{sum(t.values()):.1f}" for t in ms.values()) + " |")
+    return "\n".join(lines)
 
 
 def table(results: dict) -> str:
@@ -269,6 +298,15 @@ def summarise(times: list[float], trained: list[int], losses: list[float], peak:
     }
 
 
+def read_profile(path: Path) -> list:
+    """[op, self ms per step, calls per step] from a StepProfiler's table."""
+    rows = []
+    for line in path.read_text().splitlines()[1:]:
+        name, ms, calls = line[:60].rstrip(), *line[60:].split()
+        rows.append([name, float(ms), float(calls)])
+    return rows
+
+
 def single_process_env() -> None:
     """What a launcher gives a world of one process (DeepSpeed initialises torch.distributed from it)."""
     from infinitune.launcher.local import free_port
@@ -329,7 +367,7 @@ def run_infinitune(spec: dict, zero_stage: int | str, seed: int) -> dict:
         },
         "deepspeed": {"zero_stage": zero_stage, "precision": "fp32"},
         "checkpoint": {"every_steps": 0, "resume": "none", "keep_last": 1},
-        "logging": {"tensorboard": True, "log_every": 1},
+        "logging": {"tensorboard": True, "log_every": 1, "profile_steps": spec["profile"]},
     }
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     code = worker.main([str(run_dir / "config.yaml")])
@@ -348,6 +386,8 @@ def run_infinitune(spec: dict, zero_stage: int | str, seed: int) -> dict:
         spec,
     )
     result["peak_rss_with_final_save_gb"] = peak_rss_gb()[0]
+    if spec["profile"]:
+        result["profile"] = read_profile(run_dir / "profile" / "rank0.txt")
     chosen, _ = choose_zero_stage(load_job_config(run_dir / "config.yaml", ["cluster.num_workers=1"]))
     result["zero_stage"] = chosen.deepspeed.zero_stage  # what the worker ran (auto's choice)
     model, _ = load_for_eval(str(run_dir))
@@ -404,6 +444,25 @@ def run_hf(contender: str, spec: dict) -> dict:
                 self.losses.append(float(logs["loss"]))
 
     budget = Budget()
+    callbacks: list = [budget]
+    if spec["profile"]:
+        from infinitune.trainer.metrics import StepProfiler
+
+        class Profile(TrainerCallback):
+            """The same profiler over the same optimizer steps as infinitune's."""
+
+            def __init__(self):
+                self.steps = StepProfiler(spec["profile"], Path(common["output_dir"]) / "profile" / "rank0")
+                self.rows = None
+
+            def on_step_begin(self, args, state, control, **kwargs):
+                self.steps.before(state.global_step + 1)
+
+            def on_step_end(self, args, state, control, **kwargs):
+                self.rows = self.steps.after(state.global_step) or self.rows
+
+        profile = Profile()
+        callbacks.append(profile)
 
     def counting(cls):
         class Counting(cls):
@@ -439,7 +498,7 @@ def run_hf(contender: str, spec: dict) -> dict:
             args=args,
             train_dataset=Dataset.from_list(rows),
             processing_class=tokenizer,
-            callbacks=[budget],
+            callbacks=callbacks,
         )
     else:
         from datasets import Dataset
@@ -470,10 +529,12 @@ def run_hf(contender: str, spec: dict) -> dict:
             args=args,
             train_dataset=Dataset.from_list(rows),
             data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-            callbacks=[budget],
+            callbacks=callbacks,
         )
     trainer.train()
     result = summarise(budget.times, budget.trained, budget.losses, budget.peak or peak_rss_gb(), spec)
+    if spec["profile"]:
+        result["profile"] = profile.rows
     model = trainer.model
     if contender == "hf_trainer_zero3":
         import deepspeed

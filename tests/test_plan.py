@@ -208,7 +208,7 @@ def test_zero_stage_auto_is_chosen_before_the_workers_and_shown(tmp_path):
     from infinitune.typed_config import ConfigError
 
     config = REPO / "configs" / "llama-1b-1gpu.yaml"
-    with pytest.raises(ConfigError, match="deepspeed.zero_stage: auto is chosen before"):
+    with pytest.raises(ConfigError, match=r"deepspeed\.zero_stage: auto is chosen before"):
         load_job_config(config, ["deepspeed.zero_stage=auto"]).trainer_spec(tmp_path)
     out = cli("plan", str(config), "deepspeed.zero_stage=auto")
     assert out.returncode == 0, out.stderr

@@ -433,3 +433,22 @@ def test_gloo_is_bound_to_the_interface_toward_the_master():
 
     assert interface_toward("127.0.0.1") == interface_of("127.0.0.1") == "lo"
     assert interface_toward("no-such-host.invalid") is None
+
+
+def test_the_step_profiler_records_only_its_steps_per_step(tmp_path):
+    from infinitune.trainer.metrics import StepProfiler
+
+    profiler = StepProfiler([2, 3], tmp_path / "profile" / "rank0")
+    a, recorded = torch.randn(64, 64), {}
+    for step in range(1, 5):
+        profiler.before(step)
+        for _ in range(step):  # step s does s matrix products: steps 2 and 3 do 5, 2.5 per step
+            a = torch.mm(a, a).tanh()
+        recorded[step] = profiler.after(step)
+    assert [s for s, rows in recorded.items() if rows is not None] == [3]  # returned once, at the last step
+    (mm,) = [r for r in recorded[3] if r[0] == "aten::mm"]
+    assert mm[2] == 2.5 and mm[1] > 0
+    assert "aten::mm" in (tmp_path / "profile" / "rank0.txt").read_text()
+    assert json.loads((tmp_path / "profile" / "rank0.json").read_text())["traceEvents"]
+    assert StepProfiler([], tmp_path / "none").after(0) is None  # off: nothing recorded, nothing written
+    assert not (tmp_path / "none.txt").exists()

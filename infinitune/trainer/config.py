@@ -279,5 +279,15 @@ class LoggingConfig(Section):
     """At the end, save the model's logits on the first validation micro-batch to RUN_DIR/logits_probe.pt, to
     check an export against the engine."""
 
+    profile_steps: list[int] = Field(default_factory=list)
+    """[first, last]: record these steps with torch.profiler, on every rank: RUN_DIR/profile/rankR.json (a
+    trace for chrome://tracing or Perfetto) and rankR.txt (the ops by self time per step)."""
+
     def check(self) -> None:
         require(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", "must be positive")
+        steps = self.profile_steps
+        require(
+            not steps or (len(steps) == 2 and 1 <= steps[0] <= steps[1]),
+            "profile_steps",
+            f"[first, last] with 1 <= first <= last, or []; got {steps}",
+        )

@@ -35,6 +35,7 @@ from infinitune.trainer.evaluate import as_markdown, evaluate_examples, examples
 from infinitune.trainer.metrics import (
     FlopCounter,
     MetricsWriter,
+    StepProfiler,
     device_memory_gb,
     device_peak_tflops,
     host_peak_rss_gb,
@@ -86,8 +87,10 @@ def _loop(trainer: Trainer, spec: TrainerSpec, ctx: RunContext) -> int:
     batches = iter(trainer.train_loader)
     step_loss = math.nan
     window = PerfWindow()
+    profiler = StepProfiler(spec.logging.profile_steps, Path(spec.run_dir) / "profile" / f"rank{trainer.rank}")
     log.info("training from step %d to %d on %d workers", state.step, cfg.max_steps, trainer.world)
     while state.step < cfg.max_steps:
+        profiler.before(state.step + 1)
         t0 = time.perf_counter()
         micro = [next(batches) for _ in range(trainer.layout.accumulation)]
         data_wait = time.perf_counter() - t0
@@ -118,6 +121,7 @@ def _loop(trainer: Trainer, spec: TrainerSpec, ctx: RunContext) -> int:
             if not math.isfinite(step_loss):
                 raise FloatingPointError(f"step {state.step}: loss is {step_loss}; lower train.lr or check the data")
         window.add(data_wait, sums)
+        profiler.after(state.step)
 
         if log_due:
             allocated, peak = device_memory_gb()

@@ -143,3 +143,36 @@ class MetricsWriter:
             self.writer.close()
         if self.jsonl is not None:
             self.jsonl.close()
+
+
+class StepProfiler:
+    """torch.profiler over steps [first, last] of a run (`logging.profile_steps`; none when empty): call
+    `before(step)` as a step begins and `after(step)` once it ends. Writes PREFIX.json (the trace) and PREFIX.txt
+    (the ops by self time, per step) and returns the ops as [name, self ms per step, calls per step]."""
+
+    def __init__(self, steps: list[int], prefix: Path):
+        self.first, self.last = steps if steps else (0, -1)
+        self.prefix, self.profile = Path(prefix), None
+
+    def before(self, step: int) -> None:
+        if step == self.first:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profile = torch.profiler.profile(activities=activities)
+            self.profile.__enter__()
+
+    def after(self, step: int) -> list | None:
+        if step != self.last or self.profile is None:
+            return None
+        self.profile.__exit__(None, None, None)
+        steps = self.last - self.first + 1
+        self.prefix.parent.mkdir(parents=True, exist_ok=True)
+        self.profile.export_chrome_trace(str(self.prefix.with_suffix(".json")))
+        ops = sorted(self.profile.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        rows = [[e.key, e.self_cpu_time_total / 1e3 / steps, e.count / steps] for e in ops]
+        lines = [f"{'op':60} {'self ms/step':>12} {'calls/step':>10}"]
+        lines += [f"{name[:60]:60} {ms:12.2f} {calls:10.1f}" for name, ms, calls in rows]
+        self.prefix.with_suffix(".txt").write_text("\n".join(lines) + "\n")
+        self.profile = None
+        return rows

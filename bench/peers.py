@@ -387,7 +387,7 @@ def run_infinitune(spec: dict, zero_stage: int | str, seed: int) -> dict:
     )
     result["peak_rss_with_final_save_gb"] = peak_rss_gb()[0]
     if spec["profile"]:
-        result["profile"] = read_profile(run_dir / "profile" / "rank0.txt")
+        result["profile"] = read_profile(run_dir / "profile" / "rank0.txt")[:40]
     chosen, _ = choose_zero_stage(load_job_config(run_dir / "config.yaml", ["cluster.num_workers=1"]))
     result["zero_stage"] = chosen.deepspeed.zero_stage  # what the worker ran (auto's choice)
     model, _ = load_for_eval(str(run_dir))
@@ -534,7 +534,7 @@ def run_hf(contender: str, spec: dict) -> dict:
     trainer.train()
     result = summarise(budget.times, budget.trained, budget.losses, budget.peak or peak_rss_gb(), spec)
     if spec["profile"]:
-        result["profile"] = profile.rows
+        result["profile"] = (profile.rows or [])[:40]
     model = trainer.model
     if contender == "hf_trainer_zero3":
         import deepspeed

@@ -94,13 +94,16 @@ def _environment(values: dict[str, str]):
 
 @contextlib.contextmanager
 def _own_signal_handlers():
-    """The agent installs handlers it never removes; a process that goes on afterwards (a test, a benchmark)
-    gets its own back."""
+    """Ctrl-C raises KeyboardInterrupt while the agent runs; the agent installs handlers it never removes, and
+    a process that goes on afterwards (a test, a benchmark) gets its own back."""
+    main = threading.current_thread() is threading.main_thread()  # elsewhere neither can install any
     saved = {sig: signal.getsignal(sig) for sig in (*AGENT_SIGNALS, signal.SIGINT)}
+    if main:  # Ctrl-C stops the run also where it was ignored (a shell's background job starts so)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
-        if threading.current_thread() is threading.main_thread():  # elsewhere neither could install any
+        if main:
             for sig, handler in saved.items():
                 signal.signal(sig, handler)
 

@@ -46,9 +46,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 HELD_OUT = 40
 # infinitune: the defaults (deepspeed.zero_stage auto: 0 on one worker that fits); infinitune_zero3: the same
-# with ZeRO-3 partitioning; infinitune_order1: the defaults with another seeded sample
+# with ZeRO-3 partitioning; infinitune_pieces: the output layer and loss in pieces of 256 positions (fused);
+# infinitune_order1: the defaults with another seeded sample
 # order (data.seed 1), which shows how much the losses move with the order alone.
-CONTENDERS = ("infinitune", "infinitune_zero3", "infinitune_order1", "trl_packed", "trl_unpacked", "hf_trainer_zero3")
+CONTENDERS = (
+    "infinitune",
+    "infinitune_zero3",
+    "infinitune_pieces",
+    "infinitune_order1",
+    "trl_packed",
+    "trl_unpacked",
+    "hf_trainer_zero3",
+)
 MODELS = {
     # name: (micro batch in packed sequences, infinitune's steps, learning rate)
     "tiny": (4, 30, 1e-3),
@@ -326,13 +335,14 @@ def child(contender: str, spec: dict) -> None:
             spec,
             zero_stage=3 if contender == "infinitune_zero3" else "auto",
             seed=1 if contender == "infinitune_order1" else 0,
+            loss_chunk_tokens=256 if contender == "infinitune_pieces" else None,
         )
     else:
         result = run_hf(contender, spec)
     Path(spec["result"]).write_text(json.dumps(result))
 
 
-def run_infinitune(spec: dict, zero_stage: int | str, seed: int) -> dict:
+def run_infinitune(spec: dict, zero_stage: int | str, seed: int, loss_chunk_tokens: int | None = None) -> dict:
     """The real worker entry point (what `infinitune train --local` starts on each rank), world size 1."""
     import yaml
 
@@ -342,13 +352,20 @@ def run_infinitune(spec: dict, zero_stage: int | str, seed: int) -> dict:
 
     single_process_env()
     run_dir = Path(
-        spec["run_dir"] + ("" if zero_stage == "auto" else f"-zero{zero_stage}") + (f"-seed{seed}" if seed else "")
+        spec["run_dir"]
+        + ("" if zero_stage == "auto" else f"-zero{zero_stage}")
+        + (f"-seed{seed}" if seed else "")
+        + (f"-pieces{loss_chunk_tokens}" if loss_chunk_tokens is not None else "")
     )
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     config = {
         "name": run_dir.name,
-        "model": {"path": spec["model"], "dtype": "float32"},
+        "model": {
+            "path": spec["model"],
+            "dtype": "float32",
+            **({} if loss_chunk_tokens is None else {"loss_chunk_tokens": loss_chunk_tokens}),
+        },
         "data": {
             "sources": [{"path": spec["train_file"]}],
             "seq_len": spec["seq_len"],

@@ -82,12 +82,14 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert lr_factor(70, TrainConfig(schedule="constant", warmup_steps=0)) == 1.0
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "recomputed"])
 @pytest.mark.parametrize("tied, trained_from", [(False, 10), (True, 10), (False, 35)])
 def test_the_loss_in_chunks_equals_the_loss_at_once_and_so_do_its_gradients(
-    tiny_model_dir, tmp_path, tiny_tokenizer_dir, tied, trained_from
+    tiny_model_dir, tmp_path, tiny_tokenizer_dir, tied, trained_from, fused
 ):
-    """model.loss_chunk_tokens: the output layer and loss in pieces (recomputed in backward) give the loss and
-    every gradient of the whole micro-batch at once; with tied embeddings too, and with pieces left empty."""
+    """model.loss_chunk_tokens: the output layer and loss in pieces give the loss and every gradient of the
+    whole micro-batch at once; with tied embeddings too, and with pieces left empty. Fused (the gradients of
+    each piece in the forward pass), or under ZeRO-3 each piece recomputed in the backward pass."""
     from infinitune.testing.tiny import save_tiny_llama
 
     path = save_tiny_llama(tmp_path / "tied", tiny_tokenizer_dir, tie_embeddings=True) if tied else tiny_model_dir
@@ -99,7 +101,7 @@ def test_the_loss_in_chunks_equals_the_loss_at_once_and_so_do_its_gradients(
     results = []
     for chunk in (0, 7):
         lm.zero_grad()
-        loss, n = TokenLossModel(lm, loss_chunk_tokens=chunk)(ids, labels, pos)
+        loss, n = TokenLossModel(lm, loss_chunk_tokens=chunk, zero3=not fused)(ids, labels, pos)
         loss.backward()
         results.append((loss.detach(), {k: p.grad.clone() for k, p in lm.named_parameters()}))
     (whole, grads_whole), (chunked, grads_chunked) = results
@@ -119,7 +121,7 @@ def test_the_compiled_loss_equals_the_eager_one_in_pieces_and_in_bfloat16(tiny_m
     labels[:, :10] = -100
     pos = torch.arange(40).repeat(2, 1)
     results = []
-    compiled_model = TokenLossModel(lm, loss_chunk_tokens=7, compile_loss=True)
+    compiled_model = TokenLossModel(lm, loss_chunk_tokens=7, compile_loss=True, zero3=True)  # pieces recomputed
     for model in (TokenLossModel(lm), compiled_model):
         lm.zero_grad()
         loss, _ = model(ids, labels, pos)

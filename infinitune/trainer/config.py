@@ -88,11 +88,13 @@ class ModelConfig(Section):
     """Recompute activations in the backward pass: less memory, about a third more compute."""
 
     loss_chunk_tokens: int = Field(0, ge=0)
-    """Run the output layer and loss over at most this many positions at once (a micro-batch of B sequences of
-    T tokens in ceil(B x (T - 1) / this) pieces, the same on every rank), each piece's logits recomputed in the
-    backward pass, so that the micro-batch's logits (trained positions x vocabulary: 8 GB in fp32 for 16k
-    positions of a 128k vocabulary) are never held whole. Costs the output layer's forward once more. For
-    Llama, Mistral, Qwen and Phi-3 models and prefix tuning (others are refused). 0: all at once."""
+    """Run the output layer and loss over at most this many positions at once, so that the micro-batch's logits
+    (trained positions x vocabulary: 8 GB in fp32 for 16k positions of a 128k vocabulary) are never held
+    whole. Each piece's gradients are computed while its logits exist (a fused linear cross-entropy: no extra
+    work); under ZeRO-3, whose partitioned head exists only inside its own forward, each of ceil(B x (T - 1) /
+    this) pieces (the same on every rank) is recomputed in the backward pass instead, costing the output
+    layer's forward once more. For Llama, Mistral, Qwen and Phi-3 models and prefix tuning (others are
+    refused). 0: all at once."""
 
     adapter: AdapterConfig | None = None
     """Train a peft adapter instead of all weights (null: full fine-tuning)."""

@@ -45,9 +45,10 @@ class TokenLossModel(nn.Module):
     never attend to each other.
     """
 
-    def __init__(self, lm: nn.Module, loss_chunk_tokens: int = 0, compile_loss: bool = False):
+    def __init__(self, lm: nn.Module, loss_chunk_tokens: int = 0, compile_loss: bool = False, zero3: bool = False):
         super().__init__()
         self.lm = lm
+        self.zero3 = zero3  # the head's weight exists only inside its own forward: pieces go through the module
         # Compiled, the upcast, log-softmax and gather fuse: the loss keeps the logits as they are and one
         # log-sum-exp per position for the backward pass, instead of a float32 log-softmax as large as the logits.
         self.cross_entropy = torch.compile(cross_entropy_sum, dynamic=True) if compile_loss else cross_entropy_sum
@@ -71,7 +72,10 @@ class TokenLossModel(nn.Module):
             # As many pieces as the micro-batch's positions need, whatever this rank's number of trained ones.
             chunks = math.ceil(keep.numel() / self.loss_chunk_tokens) if self.loss_chunk_tokens else 1
             head = self.lm.get_output_embeddings()
-            loss = chunked_head_loss(head, hidden[:, :-1][keep], targets[keep], chunks, self.cross_entropy)
+            if chunks > 1 and not self.zero3 and type(head) is nn.Linear and head.bias is None:
+                loss = FusedHeadLoss.apply(hidden[:, :-1][keep], head.weight, targets[keep], self.loss_chunk_tokens)
+            else:
+                loss = chunked_head_loss(head, hidden[:, :-1][keep], targets[keep], chunks, self.cross_entropy)
         else:
             out = self.lm(input_ids=input_ids, position_ids=position_ids, use_cache=False)
             loss = self.cross_entropy(out.logits[:, :-1][keep], targets[keep])
@@ -87,6 +91,45 @@ class TokenLossModel(nn.Module):
 def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy, computed in float32 whatever the logits' dtype."""
     return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+class FusedHeadLoss(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight.T` against `targets`, `rows` positions at a time, each piece's
+    gradients computed in the forward pass while its logits exist (the fused linear cross-entropy of Liger and
+    TRL): only one piece's logits are ever held, and the output layer runs once each way, not recomputed."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int) -> torch.Tensor:
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        for lo in range(0, hidden.shape[0], rows):
+            h, t = hidden[lo : lo + rows], targets[lo : lo + rows]
+            logits = (h @ weight.T).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            loss += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if grad_hidden is None and grad_weight is None:
+                continue
+            softmax = logits.sub_(lse[:, None]).exp_()  # d loss / d logits = softmax - one-hot(target)
+            softmax[torch.arange(len(t), device=t.device), t] -= 1
+            g = softmax.to(h.dtype)
+            if grad_hidden is not None:
+                grad_hidden[lo : lo + rows] = g @ weight
+            if grad_weight is not None:
+                grad_weight.addmm_(g.T.float(), h.float())
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (
+            grad_hidden * grad_loss.to(grad_hidden.dtype) if grad_hidden is not None else None,
+            (grad_weight * grad_loss).to(ctx.weight_dtype) if grad_weight is not None else None,
+            None,
+            None,
+        )
 
 
 def _head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, cross_entropy) -> torch.Tensor:
@@ -227,7 +270,7 @@ def build_model(
         compile_layers(model, zero3=zero3 is not None)
     if cfg.adapter is not None:
         model = apply_adapter(model, cfg.adapter, seed, total_steps)
-    wrapped = TokenLossModel(model, cfg.loss_chunk_tokens, compile_loss=cfg.compile_layers)
+    wrapped = TokenLossModel(model, cfg.loss_chunk_tokens, compile_loss=cfg.compile_layers, zero3=zero3 is not None)
     if cfg.loss_chunk_tokens and not (wrapped.plain_head or wrapped.prefix):
         raise ValueError(
             f"model.loss_chunk_tokens: {type(model).__name__} computes its logits in its own forward, which "

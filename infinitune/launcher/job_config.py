@@ -6,6 +6,7 @@ unknown keys, types, values, how sections fit together, and (when asked) the mod
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -250,20 +251,27 @@ def _read_max_positions(model: ModelConfig) -> int | None:
 
 
 def model_config(model: ModelConfig) -> dict[str, Any]:
-    """The model's config (config.json, a GGUF header, or a hub id's config): no weights are read."""
+    """The model's config (config.json, a GGUF header, or a hub id's config): no weights are read. Read once
+    per process and model: `train` chooses the ZeRO stage and checks the plan from it (a GGUF header takes
+    seconds)."""
+    return dict(_model_config(model.path, model.gguf_file, model.trust_remote_code))
+
+
+@functools.lru_cache(maxsize=8)
+def _model_config(path: str, gguf_file: str | None, trust_remote_code: bool) -> dict[str, Any]:
     try:
-        source, gguf = resolve_model_source(model.path, model.gguf_file)
+        source, gguf = resolve_model_source(path, gguf_file)
         if gguf:
             return _gguf_config(os.path.join(source, gguf))
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(source, trust_remote_code=model.trust_remote_code).to_dict()
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code).to_dict()
     except Exception as e:  # a missing or damaged config.json, an unreachable hub
-        known = known_config(model.path)
+        known = known_config(path)
         if known is not None:  # a common model's architecture, shipped: planning needs no hub
             return known
         raise ConfigError(
-            "model.path", f"cannot read the model's config from {model.path} ({type(e).__name__}: {e})"
+            "model.path", f"cannot read the model's config from {path} ({type(e).__name__}: {e})"
         ) from None
 
 
@@ -341,10 +349,11 @@ def choose_zero_stage(cfg: JobConfig, memory_gb: float | None = None) -> tuple[J
     if ds.zero_stage != "auto":
         return cfg, f"{ds.zero_stage} (configured)"
 
+    def at(stage: int) -> JobConfig:
+        return cfg.model_copy(update={"deepspeed": ds.model_copy(update={"zero_stage": stage})})
+
     def chosen(stage: int, why: str) -> tuple[JobConfig, str]:
-        return cfg.model_copy(
-            update={"deepspeed": ds.model_copy(update={"zero_stage": stage})}
-        ), f"{stage} (auto: {why})"
+        return at(stage), f"{stage} (auto: {why})"
 
     if ds.offload_optimizer != "none" or ds.offload_params != "none":
         return chosen(3, "offloading needs ZeRO's partitions")
@@ -360,8 +369,7 @@ def choose_zero_stage(cfg: JobConfig, memory_gb: float | None = None) -> tuple[J
         where = "set cluster.gpu" if cfg.cluster.use_gpu else "the cluster's hosts are not this machine"
         return chosen(3, f"the memory of a device is unknown ({where})")
     try:
-        zero0 = cfg.model_copy(update={"deepspeed": ds.model_copy(update={"zero_stage": 0})})
-        plan = job_plan(zero0, device_memory_gb=memory_gb)
+        plan = job_plan(at(0), device_memory_gb=memory_gb)
     except ConfigError as e:
         return chosen(3, f"the model's size is unknown ({e.message})")
     need = (plan.total() + (0 if cfg.cluster.use_gpu else plan.total("host"))) / GB

@@ -42,7 +42,7 @@ from infinitune.trainer.metrics import (
     host_rss_gb,
     process_counts,
 )
-from infinitune.trainer.model import PRECISION_DTYPES, AdaLoraBudget, build_model, model_config, parameter_counts
+from infinitune.trainer.model import PRECISION_DTYPES, AdaLoraBudget, build_model, hf_config, parameter_counts
 from infinitune.trainer.preemption import EXIT_PREEMPTED, Preemption
 from infinitune.trainer.random_state import RandomState, seed_everything
 from infinitune.trainer.schedule import make_scheduler
@@ -389,7 +389,7 @@ def setup(spec: TrainerSpec, ctx: RunContext) -> Trainer:
     check_shards(base, manifest, spec.data.verify, rank, world)
     layout = BatchLayout(spec.train.global_batch_size, world, spec.train.micro_batch_size)
 
-    config = model_config(spec.model)
+    config = hf_config(spec.model)
     ds_config = deepspeed_config(spec.deepspeed, spec.train, layout, getattr(config, "hidden_size", None))
     zero3 = spec.deepspeed.zero_stage == 3
     dtype = PRECISION_DTYPES[spec.deepspeed.precision]

@@ -208,8 +208,9 @@ def prefix_decoder_forward(lm: nn.Module, input_ids: torch.Tensor, position_ids:
     return out.last_hidden_state
 
 
-def model_config(cfg: ModelConfig):
-    """The HF config of the model to load, read once: its sizes also shape the DeepSpeed config."""
+def hf_config(cfg: ModelConfig):
+    """The HF config object (transformers') of the model to load, read once in setup: its sizes also shape the
+    DeepSpeed config. (`launcher.job_config.model_config` is the plan's: a dict, read without transformers.)"""
     from transformers import AutoConfig
 
     source, gguf = resolve_model_source(cfg.path, cfg.gguf_file)
@@ -221,7 +222,7 @@ def model_config(cfg: ModelConfig):
 
 
 def load_causal_lm(cfg: ModelConfig, dtype: torch.dtype, config=None, zero3: dict | None = None) -> nn.Module:
-    """The HF model (with `config` from `model_config`, or read here), built partitioned across ranks when
+    """The HF model (with `config` from `hf_config`, or read here), built partitioned across ranks when
     `zero3` is the DeepSpeed config of a ZeRO-3 run."""
     global _HF_DEEPSPEED_CONFIG
     # Model classes are imported before zero.Init patches tensor creation (importing them inside it fails).
@@ -229,7 +230,7 @@ def load_causal_lm(cfg: ModelConfig, dtype: torch.dtype, config=None, zero3: dic
     from transformers.integrations import HfDeepSpeedConfig
 
     source, gguf = resolve_model_source(cfg.path, cfg.gguf_file)
-    config = config if config is not None else model_config(cfg)
+    config = config if config is not None else hf_config(cfg)
     if zero3 is not None:
         _HF_DEEPSPEED_CONFIG = HfDeepSpeedConfig(zero3)
     else:

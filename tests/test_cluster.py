@@ -126,9 +126,12 @@ def reference(setup, runs, other_ray_head):
     """An uninterrupted run on an embedded Ray cluster, while another Ray head runs on the machine (which a
     plain `ray.init()` would join, and fail: it refuses object_store_memory for an existing cluster)."""
     config = tiny_job(setup, runs, "ray-reference")
+    staging = set(Path(tempfile.gettempdir()).glob("infinitune-*-rank*-*"))
     code, out = train_cli(config, env={"RAY_TMPDIR": other_ray_head["RAY_TMPDIR"]})
     assert code == 0, out[-5000:]
     assert other_ray_head["process"].poll() is None  # it ran alongside the whole time
+    # The workers' checkpoint staging directories went with them (each checkpoint went to storage).
+    assert set(Path(tempfile.gettempdir()).glob("infinitune-*-rank*-*")) == staging
     return config
 
 

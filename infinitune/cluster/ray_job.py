@@ -185,11 +185,19 @@ class RayContext(RunContext):
         self.stop = stop  # the driver's StopFlag actor: set when the driver is told to stop (SIGTERM, Ctrl-C)
         self._asking = None  # the question to it in flight
         self._restored: Path | None = None  # this node's copy of the checkpoint restored from object storage
+        self._root: Path | None = None
 
     def checkpoint_root(self, run_dir: Path, rank: int) -> tuple[Path, bool]:
         context = ray.train.get_context()
         name = f"infinitune-{context.get_experiment_name()}-rank{rank}-{os.getpid()}"
-        return Path(tempfile.gettempdir()) / name, False
+        self._root = Path(tempfile.gettempdir()) / name
+        return self._root, False
+
+    def close(self) -> None:
+        """Remove this process's checkpoint staging directory: Ray took each checkpoint from it as it was
+        reported, and what remains (DeepSpeed's recovery scripts, a save abandoned part way) is of no use."""
+        if self._root is not None:
+            shutil.rmtree(self._root, ignore_errors=True)
 
     def restore_from(self) -> Path | None:
         checkpoint = ray.train.get_checkpoint()
@@ -298,6 +306,8 @@ def _train_fn(config: dict[str, Any]) -> None:
         if not restart_cannot_fix(e):
             raise
         raise FatalError(f"{type(e).__name__}: {e}") from e
+    finally:
+        context.close()
     context.upload_logs()  # what came after the last checkpoint (final evaluation, hparams)
     if code == EXIT_PREEMPTED and context.stopped_by_driver():
         return  # the user stopped the job: end here (the driver says how to resume), no restart

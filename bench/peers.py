@@ -45,15 +45,15 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 HELD_OUT = 40
-# infinitune: the defaults (deepspeed.zero_stage auto: 0 on one worker that fits); infinitune_zero3: the same
-# with ZeRO-3 partitioning; infinitune_pieces: the output layer and loss in pieces of 256 positions (fused);
-# infinitune_order1: the defaults with another seeded sample
-# order (data.seed 1), which shows how much the losses move with the order alone.
+# infinitune: the defaults (deepspeed.zero_stage auto: 0 on one worker that fits; the output layer and loss in
+# fused pieces of 256 positions); infinitune_zero3: the same with ZeRO-3 partitioning (whose default is the loss
+# whole); infinitune_whole: the defaults with the loss whole (model.loss_chunk_tokens 0). A contender named
+# NAME@S runs with sample-order seed S (infinitune's data.seed, the peers' seed): how much the held-out loss
+# moves with the order alone.
 CONTENDERS = (
     "infinitune",
     "infinitune_zero3",
-    "infinitune_pieces",
-    "infinitune_order1",
+    "infinitune_whole",
     "trl_packed",
     "trl_unpacked",
     "hf_trainer_zero3",
@@ -126,7 +126,7 @@ def run_child(contender: str, spec: dict, root: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--child", choices=CONTENDERS, help=argparse.SUPPRESS)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     ap.add_argument("--models", default="tiny,smollm2")
     ap.add_argument("--contenders", default=",".join(CONTENDERS))
@@ -139,6 +139,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "peers.json"))
     ap.add_argument("--merge", action="store_true", help="update the named contenders' rows in --out, keep the rest")
     args = ap.parse_args()
+    for contender in args.contenders.split(","):
+        if contender.split("@")[0] not in CONTENDERS:
+            ap.error(f"--contenders: {contender!r} is not one of {', '.join(CONTENDERS)} (or NAME@SEED)")
     if args.child:
         child(args.child, json.loads(Path(args.spec).read_text()))
         return
@@ -203,6 +206,8 @@ def main() -> None:
                 "rows": rows,
             }
     print(table(results))
+    print(seeds_table(results))
+    print(first_step_table(results))
     if args.profile:
         print(profile_table(results))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -216,6 +221,10 @@ def median_row(runs: list[dict]) -> dict:
     """The median of each figure over the runs, with the runs' range of those that noise moves."""
     row = {k: statistics.median(r[k] for r in runs) for k in runs[0] if isinstance(runs[0][k], (int, float))}
     row["runs"] = len(runs)
+    if runs[0].get("first_step_parts"):
+        row["first_step_parts"] = {
+            k: statistics.median(r["first_step_parts"][k] for r in runs) for k in runs[0]["first_step_parts"]
+        }
     profiles = [r["profile"] for r in runs if r.get("profile")]
     if profiles:  # per op, the median over the runs that profiled
         ops = {op for rows in profiles for op, _, _ in rows}
@@ -242,6 +251,34 @@ def profile_table(results: dict, top: int = 25) -> str:
         lines += [f"\n{name}: self CPU ms per step", "| op | " + " | ".join(ms) + " |", "|---" * (len(ms) + 1) + "|"]
         lines += [f"| `{op}` | " + " | ".join(f"{t.get(op, 0):.1f}" for t in ms.values()) + " |" for op in ops[:top]]
         lines.append("| all ops | " + " | ".join(f"{sum(t.values()):.1f}" for t in ms.values()) + " |")
+    return "\n".join(lines)
+
+
+def first_step_table(results: dict) -> str:
+    """Where each contender's time to the first step went: its parts in order, medians over the runs."""
+    lines = []
+    for name, m in results["models"].items():
+        for contender, r in m["rows"].items():
+            if r.get("first_step_parts"):
+                parts = ", ".join(f"{k} {v:.1f}" for k, v in r["first_step_parts"].items())
+                lines.append(f"{name} {contender}: {parts} (s)")
+    return "\n".join(lines)
+
+
+def seeds_table(results: dict) -> str:
+    """Each contender's held-out loss over its sample orders (NAME and NAME@S rows): mean and range."""
+    lines = []
+    for name, m in results["models"].items():
+        by: dict[str, list[float]] = {}
+        for contender, r in m["rows"].items():
+            by.setdefault(contender.split("@")[0], []).append(r["held_out_loss"])
+        several = {c: v for c, v in by.items() if len(v) > 1}
+        if not several:
+            continue
+        lines += [f"\n{name}: held-out answer loss over sample orders", "| contender | orders | mean | range |"]
+        lines.append("|---|---|---|---|")
+        for c, v in several.items():
+            lines.append(f"| {c} | {len(v)} | {statistics.mean(v):.3f} | {min(v):.3f}-{max(v):.3f} |")
     return "\n".join(lines)
 
 
@@ -330,15 +367,16 @@ def child(contender: str, spec: dict) -> None:
     import torch
 
     torch.manual_seed(0)
-    if contender.startswith("infinitune"):
+    name, _, seed = contender.partition("@")
+    if name.startswith("infinitune"):
         result = run_infinitune(
             spec,
-            zero_stage=3 if contender == "infinitune_zero3" else "auto",
-            seed=1 if contender == "infinitune_order1" else 0,
-            loss_chunk_tokens=256 if contender == "infinitune_pieces" else None,
+            zero_stage=3 if name == "infinitune_zero3" else "auto",
+            seed=int(seed or 0),
+            loss_chunk_tokens=0 if name == "infinitune_whole" else None,
         )
     else:
-        result = run_hf(contender, spec)
+        result = run_hf(name, spec, int(seed or 0))
     Path(spec["result"]).write_text(json.dumps(result))
 
 
@@ -391,7 +429,10 @@ def run_infinitune(spec: dict, zero_stage: int | str, seed: int, loss_chunk_toke
     if code != 0:
         raise SystemExit(f"infinitune exited {code}")
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    setup = next(r for r in rows if "setup/model_s" in r)
     rows = [r for r in rows if "train/loss" in r]
+    parts = {k.split("/")[1][:-2]: v for k, v in setup.items() if k.startswith("setup/")}
+    parts["first step"] = rows[0]["time"] - setup["time"]
     # Peak memory up to the end of the last step, as for the peers (the process's own peak, which the final
     # checkpoint save may raise, is kept beside it).
     peak = (rows[-1]["memory/host_peak_gb"], peak_rss_gb()[1])
@@ -403,6 +444,7 @@ def run_infinitune(spec: dict, zero_stage: int | str, seed: int, loss_chunk_toke
         spec,
     )
     result["peak_rss_with_final_save_gb"] = peak_rss_gb()[0]
+    result["first_step_parts"] = parts
     if spec["profile"]:
         result["profile"] = read_profile(run_dir / "profile" / "rank0.txt")[:40]
     chosen, _ = choose_zero_stage(load_job_config(run_dir / "config.yaml", ["cluster.num_workers=1"]))
@@ -412,15 +454,16 @@ def run_infinitune(spec: dict, zero_stage: int | str, seed: int, loss_chunk_toke
     return result
 
 
-def run_hf(contender: str, spec: dict) -> dict:
+def run_hf(contender: str, spec: dict, seed: int = 0) -> dict:
     """TRL's SFTTrainer or transformers' Trainer, stopped at the step closest to infinitune's trained tokens."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback
 
+    marks = {"imports": time.time()}
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     packed = contender == "trl_packed"
     common = {
-        "output_dir": str(Path(spec["run_dir"]).with_name(f"{Path(spec['run_dir']).name}-{contender}")),
+        "output_dir": str(Path(spec["run_dir"]).with_name(f"{Path(spec['run_dir']).name}-{contender}-seed{seed}")),
         "per_device_train_batch_size": spec["batch"] if packed else spec["unpacked_batch"],
         "max_steps": 100_000,  # stopped by the token budget; the schedule is constant
         "learning_rate": spec["lr"],
@@ -434,7 +477,7 @@ def run_hf(contender: str, spec: dict) -> dict:
         "logging_steps": 1,
         "save_strategy": "no",
         "report_to": "none",
-        "seed": 0,
+        "seed": seed,  # the sample order (and nothing else: the model is loaded, dropout is off)
         "dataloader_num_workers": 0,
         "disable_tqdm": True,
         "bf16": False,  # fp32, as everyone here (TRL's config defaults to bf16)
@@ -508,8 +551,10 @@ def run_hf(contender: str, spec: dict) -> dict:
             completion_only_loss=True,
             dataset_num_proc=1,
         )
+        marks["data and tokenizer"] = time.time()
         model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32, attn_implementation="sdpa")
         model.config.use_cache = False
+        marks["model"] = time.time()
         trainer = counting(SFTTrainer)(
             model=model,
             args=args,
@@ -548,8 +593,14 @@ def run_hf(contender: str, spec: dict) -> dict:
             data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
             callbacks=callbacks,
         )
+    marks["trainer (dataset tokenised and packed)"] = time.time()
     trainer.train()
     result = summarise(budget.times, budget.trained, budget.losses, budget.peak or peak_rss_gb(), spec)
+    before = float(os.environ["PEERS_LAUNCH"])
+    result["first_step_parts"] = {}
+    for name, t in {**marks, "first step": budget.times[0]}.items():
+        result["first_step_parts"][name] = t - before
+        before = t
     if spec["profile"]:
         result["profile"] = (profile.rows or [])[:40]
     model = trainer.model

@@ -90,6 +90,10 @@ def test_what_changes_the_plan_moves_the_items_it_should():
     assert lora.settings["trainable"] < shape.params / 100 and lora.total() < plain.total()
     one = make_plan(shape, **{**base, "world": 1})
     assert one.step["bytes_sent"] == 0 and not one.fits and one.largest.name == "optimizer state (Adam)"
+    # Stage 0 flattens the gradients to all-reduce them, unless there is one worker and nothing to reduce.
+    stage0 = {i.name: i for i in make_plan(shape, **{**base, "zero_stage": 0}).items}
+    assert stage0["all-reduce buffer"].bytes == 2 * 500_000_000  # one bucket of 5e8 bf16 elements at a time
+    assert "all-reduce buffer" not in {i.name for i in make_plan(shape, **{**base, "zero_stage": 0, "world": 1}).items}
 
 
 def cli(*args):

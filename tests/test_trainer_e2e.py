@@ -46,6 +46,7 @@ SCALARS = [
     "eval/rouge_l",
     "eval/bleu",
     "perf/checkpoint_s",
+    *(f"setup/{phase}_s" for phase in ("process", "distributed", "data", "model", "engine", "loaders_and_resume")),
 ]
 
 
@@ -93,6 +94,7 @@ def test_tensorboard_holds_every_scalar_and_the_config(reference):
     assert {"config", "eval/generations"} <= text
     config_text = acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "zero_stage: 3" in config_text
+    assert hparams(reference)["deepspeed.zero_stage"] == 3
     assert 0 < acc.Scalars("perf/mfu")[-1].value < 1
 
 
@@ -390,3 +392,40 @@ def test_a_step_that_does_not_log_waits_on_the_device_for_nothing(setup, runs, r
             assert row["train/trained_tokens"] == ref[row["step"]]["train/trained_tokens"]
             assert row["train/grad_norm"] == pytest.approx(ref[row["step"]]["train/grad_norm"], abs=1e-9)
     assert any(row.get("perf/checkpoint_write_s", 0) >= 2 for row in rows)  # the slow save was completed
+
+
+def hparams(config) -> dict:
+    """The hparams a run wrote to TensorBoard (its resolved config, flattened)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    acc = EventAccumulator(str(run_dir_of(config) / "tensorboard"))
+    acc.Reload()
+    for content in acc.PluginTagToContent("hparams").values():
+        data = plugin_data_pb2.HParamsPluginData.FromString(content)
+        if data.HasField("session_start_info"):
+            values = data.session_start_info.hparams
+            return {k: getattr(v, v.WhichOneof("kind")) for k, v in values.items()}
+    raise AssertionError("no hparams written")
+
+
+def test_zero_stage_auto_runs_the_stage_it_shows_first_and_in_tensorboard(setup, runs):
+    """One worker whose whole model fits: auto is stage 0, said in the launcher's first lines, trained at (no
+    ZeRO optimizer) and recorded in the hparams; the loss in fused pieces and sdpa per packed document."""
+    config = job_config(
+        setup,
+        runs,
+        "auto-stage",
+        train={"max_steps": 3, "eval_every": 0},
+        deepspeed={"zero_stage": "auto"},
+        checkpoint={"every_steps": 0},
+        cluster={"num_workers": 1},
+    )
+    launcher = start_cli(config)
+    out, _ = launcher.communicate(timeout=300)
+    assert launcher.returncode == 0, out[-3000:]
+    head = out.splitlines()[:10]
+    assert any(re.match(r"ZeRO stage: +0 \(auto: at stage 0 a worker holds", line) for line in head), head
+    assert "on 1 workers at ZeRO stage 0" in (run_dir_of(config) / "logs" / "rank0.log").read_text()
+    assert hparams(config)["deepspeed.zero_stage"] == 0
+    assert sorted(step_losses(config)) == [1, 2, 3]

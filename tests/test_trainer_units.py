@@ -25,15 +25,20 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir):
     return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), tiny_tokenizer_dir, max_positions=256)
 
 
-@pytest.mark.parametrize("attn, adapter", [("sdpa", None), ("eager", None), ("sdpa", "prefix"), ("sdpa", "lora")])
+@pytest.mark.parametrize(
+    "attn, adapter",
+    [("sdpa", None), ("eager", None), ("packed", None), ("sdpa", "prefix"), ("packed", "prefix"), ("sdpa", "lora")],
+)
 def test_a_packed_document_has_the_loss_it_has_alone(tiny_model_dir, attn, adapter):
     """Two documents packed into one row, positions restarting: each keeps exactly its own loss, i.e.
     neither attends to the other (with the KV cache off, as the trainer builds the model); with a trained
     prefix too, which peft hands over as a KV cache (then transformers would not mask packed documents)."""
     from infinitune.trainer.config import AdapterConfig
-    from infinitune.trainer.model import apply_adapter
+    from infinitune.trainer.model import PACKED_SDPA, apply_adapter, register_packed_sdpa
 
-    lm = load_causal_lm(ModelConfig(path=str(tiny_model_dir), attn_implementation=attn), torch.float32)
+    register_packed_sdpa()
+    cfg = ModelConfig(path=str(tiny_model_dir), attn_implementation="sdpa" if attn == "packed" else attn)
+    lm = load_causal_lm(cfg, torch.float32, attention=PACKED_SDPA if attn == "packed" else None)
     if adapter is not None:
         lm = apply_adapter(lm, AdapterConfig(method=adapter, num_virtual_tokens=6), seed=0, total_steps=10)
         for p in lm.parameters():  # trained-looking adapter weights, so that they matter
@@ -57,6 +62,62 @@ def test_a_packed_document_has_the_loss_it_has_alone(tiny_model_dir, attn, adapt
     assert int(n_p) == int(n_a) + int(n_b)
     assert abs(float(loss_p) - float(loss_a + loss_b)) / float(n_p) < 1e-5
     assert abs(float(loss_x) - float(loss_a + loss_b)) / float(n_p) > 1e-4
+
+
+def test_packed_sdpa_runs_each_document_alone_with_sdpas_loss_and_gradients(tiny_model_dir, monkeypatch):
+    """Two rows of packed documents (one continuing from the row before, a padding run at a row's end): the
+    packed attention, which lays the rows end to end and runs sdpa on each document by itself, gives the loss
+    and gradients of sdpa over the rows with the block-diagonal mask, and calls it once per document and layer."""
+    import transformers.integrations.sdpa_attention as sdpa_module
+    from transformers import AttentionInterface
+
+    from infinitune.trainer.model import PACKED_SDPA, document_bounds, register_packed_sdpa
+
+    register_packed_sdpa()
+    cfg = ModelConfig(path=str(tiny_model_dir))
+    models = {
+        name: TokenLossModel(load_causal_lm(cfg, torch.float32, attention=attention))
+        for name, attention in (("sdpa", None), ("packed", PACKED_SDPA))
+    }
+    assert models["packed"].packed and not models["sdpa"].packed
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 500, (2, 64), generator=g)
+    # Row 0: documents of 20 and 30 tokens, then 14 of padding; row 1: a document continuing from before
+    # (positions from 7), then one of 24.
+    positions = torch.cat(
+        [
+            torch.cat([torch.arange(20), torch.arange(30), torch.arange(14)]),
+            torch.cat([torch.arange(7, 47), torch.arange(24)]),
+        ]
+    ).view(2, 64)
+    labels = ids.clone()
+    labels[0, :4] = labels[0, 20:26] = labels[0, 50:] = labels[1, 40:45] = -100
+    assert document_bounds(positions)["cu_seq_lens_q"].tolist() == [0, 20, 50, 64, 104, 128]
+
+    calls = []
+    real = sdpa_module.sdpa_attention_forward
+
+    def counting(*args, **kwargs):
+        calls.append(args[1].shape[2])  # the query's length
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sdpa_module, "sdpa_attention_forward", counting)  # what the packed attention calls
+    monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", counting)  # what "sdpa" models call
+    results = {}
+    for name, model in models.items():
+        calls.clear()
+        loss, n = model(ids, labels, positions)
+        loss.backward()
+        results[name] = (loss.detach(), n, {k: p.grad for k, p in model.named_parameters()}, list(calls))
+    loss_s, n_s, grads_s, calls_s = results["sdpa"]
+    loss_p, n_p, grads_p, calls_p = results["packed"]
+    assert int(n_s) == int(n_p) == int((labels[:, 1:] != -100).sum())
+    torch.testing.assert_close(loss_p, loss_s, rtol=1e-5, atol=1e-5)
+    for k, grad in grads_s.items():
+        torch.testing.assert_close(grads_p[k], grad, rtol=1e-4, atol=1e-6, msg=k)
+    layers = models["sdpa"].lm.config.num_hidden_layers
+    assert calls_s == [64] * layers  # the whole rows, masked
+    assert calls_p == [20, 30, 14, 40, 24] * layers  # each document by itself
 
 
 def test_the_fast_output_layer_equals_the_full_forward(tiny_model_dir):

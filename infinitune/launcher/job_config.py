@@ -324,7 +324,7 @@ def job_plan(
         offload_optimizer=cfg.deepspeed.offload_optimizer,
         offload_params=cfg.deepspeed.offload_params,
         gradient_checkpointing=cfg.model.gradient_checkpointing,
-        loss_chunk_tokens=cfg.model.loss_chunk_tokens,
+        loss_chunk_tokens=cfg.model.loss_pieces(_chosen(cfg.deepspeed.zero_stage) == 3),
         lora_r=adapter.r if adapter is not None and adapter.method == "lora" else None,
         persistence_threshold=cfg.deepspeed.param_persistence_threshold,
         gpu=gpu or cfg.cluster.gpu or "H100",

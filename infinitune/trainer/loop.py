@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 import yaml
 
@@ -88,7 +89,13 @@ def _loop(trainer: Trainer, spec: TrainerSpec, ctx: RunContext) -> int:
     step_loss = math.nan
     window = PerfWindow()
     profiler = StepProfiler(spec.logging.profile_steps, Path(spec.run_dir) / "profile" / f"rank{trainer.rank}")
-    log.info("training from step %d to %d on %d workers", state.step, cfg.max_steps, trainer.world)
+    log.info(
+        "training from step %d to %d on %d workers at ZeRO stage %d",
+        state.step,
+        cfg.max_steps,
+        trainer.world,
+        engine.zero_optimization_stage(),
+    )
     while state.step < cfg.max_steps:
         profiler.before(state.step + 1)
         t0 = time.perf_counter()
@@ -370,10 +377,15 @@ class Trainer:
 
 
 def setup(spec: TrainerSpec, ctx: RunContext) -> Trainer:
+    # Where the time to the first step goes: the process's start (interpreter, imports) and each part of the
+    # setup, as setup/*_s in the metrics.
+    phases = [("start", psutil.Process().create_time()), ("process", time.time())]
     rank, world = distributed.init_distributed()
     log.info("worker rank %d of %d: pid %d on %s", rank, world, os.getpid(), socket.gethostname())
     seed_everything(spec.train.seed + rank)  # dropout differs per rank; what must agree is seeded apart
     import deepspeed
+
+    phases.append(("distributed", time.time()))
 
     tokenizer = load_tokenizer(
         spec.model.tokenizer or spec.model.path, None if spec.model.tokenizer else spec.model.gguf_file
@@ -389,12 +401,15 @@ def setup(spec: TrainerSpec, ctx: RunContext) -> Trainer:
     check_shards(base, manifest, spec.data.verify, rank, world)
     layout = BatchLayout(spec.train.global_batch_size, world, spec.train.micro_batch_size)
 
+    phases.append(("data", time.time()))
+
     config = hf_config(spec.model)
     ds_config = deepspeed_config(spec.deepspeed, spec.train, layout, getattr(config, "hidden_size", None))
     zero3 = spec.deepspeed.zero_stage == 3
     dtype = PRECISION_DTYPES[spec.deepspeed.precision]
     model = build_model(spec.model, config, dtype, ds_config if zero3 else None, spec.train.seed, spec.train.max_steps)
     trainable, frozen = parameter_counts(model)
+    phases.append(("model", time.time()))
     optimizer = None
     params = [p for p in model.parameters() if p.requires_grad]
     if spec.deepspeed.offload_optimizer == "none":
@@ -403,7 +418,7 @@ def setup(spec: TrainerSpec, ctx: RunContext) -> Trainer:
             lr=spec.train.lr,
             betas=tuple(spec.train.betas),
             weight_decay=spec.train.weight_decay,
-            fused=distributed.use_gpu(),  # one kernel for all parameters on GPU
+            fused=True,  # one kernel for all parameters, on CPU too (14x faster than the default for SmolLM2 here)
         )
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model,
@@ -412,6 +427,11 @@ def setup(spec: TrainerSpec, ctx: RunContext) -> Trainer:
         lr_scheduler=(lambda opt: make_scheduler(opt, spec.train)),
         config=ds_config,
     )
+    if world == 1 and spec.deepspeed.zero_stage == 0:
+        # Stage 0 all-reduces the gradients through a flat copy of all of them (up to 5e8 elements): one worker
+        # has nothing to reduce, and the copy would add the gradients' size to its peak memory.
+        engine.enable_backward_allreduce = False
+    phases.append(("engine", time.time()))
 
     data = spec.data
     train_loader = StatefulLoader(
@@ -464,9 +484,12 @@ def setup(spec: TrainerSpec, ctx: RunContext) -> Trainer:
     restored = checkpointer.load(directory=ctx.restore_from())
     ctx.restore_done()  # load() ends with a barrier: every rank has read the checkpoint
 
+    phases.append(("loaders_and_resume", time.time()))
     peak, peak_source = device_peak_tflops(spec.logging.peak_tflops)
     metrics = MetricsWriter(run_dir, enabled=rank == 0, tensorboard=spec.logging.tensorboard)
-    metrics.scalars(state.step, {"cluster/workers": world})
+    took = {f"setup/{name}_s": t - before for (_, before), (name, t) in zip(phases, phases[1:])}
+    log.info("setup: %s", ", ".join(f"{k[6:-2]} {v:.1f} s" for k, v in took.items()))
+    metrics.scalars(state.step, {"cluster/workers": world, **took})
     written_by = checkpointer.restored.world_size if restored else world
     if written_by != world:
         # The launcher restarted the workers with another size: a node lost with no replacement, nodes back

@@ -31,6 +31,10 @@ EXPORT_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 # trained positions (with a 49k vocabulary it dominates a small model's step). Others take the full forward.
 PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3"})
 
+# sdpa run on each packed document by itself (`packed_sdpa_attention`), registered with transformers under this name
+# and used in place of "sdpa" where the model's layers call attention through transformers' interface.
+PACKED_SDPA = "infinitune_packed_sdpa"
+
 # transformers consults this weakly-held object to build models partitioned (zero.Init); it must outlive
 # from_pretrained and is kept for the life of the worker.
 _HF_DEEPSPEED_CONFIG: Any = None
@@ -48,6 +52,9 @@ class TokenLossModel(nn.Module):
     def __init__(self, lm: nn.Module, loss_chunk_tokens: int = 0, compile_loss: bool = False, zero3: bool = False):
         super().__init__()
         self.lm = lm
+        # The decoder attends within each document by itself: the micro-batch's rows go in as one row, with the
+        # documents' bounds (flash attention's varlen arguments), which `packed_sdpa_attention` reads.
+        self.packed = getattr(getattr(lm, "config", None), "_attn_implementation", None) == PACKED_SDPA
         self.zero3 = zero3  # the head's weight exists only inside its own forward: pieces go through the module
         # Compiled, the upcast, log-softmax and gather fuse: the loss keeps the logits as they are and one
         # log-sum-exp per position for the backward pass, instead of a float32 log-softmax as large as the logits.
@@ -66,15 +73,24 @@ class TokenLossModel(nn.Module):
         if self.prefix or self.plain_head:
             if self.prefix:
                 hidden = prefix_decoder_forward(self.lm, input_ids, position_ids)
+            elif self.packed:
+                rows, length = input_ids.shape
+                out = self.lm.get_decoder()(
+                    input_ids=input_ids.reshape(1, -1),
+                    position_ids=position_ids.reshape(1, -1),
+                    use_cache=False,
+                    **document_bounds(position_ids),
+                )
+                hidden = out.last_hidden_state.view(rows, length, -1)
             else:
                 out = self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False)
                 hidden = out.last_hidden_state
-            # As many pieces as the micro-batch's positions need, whatever this rank's number of trained ones.
-            chunks = math.ceil(keep.numel() / self.loss_chunk_tokens) if self.loss_chunk_tokens else 1
             head = self.lm.get_output_embeddings()
-            if chunks > 1 and not self.zero3 and type(head) is nn.Linear and head.bias is None:
+            if self.loss_chunk_tokens and not self.zero3 and type(head) is nn.Linear and head.bias is None:
                 loss = FusedHeadLoss.apply(hidden[:, :-1][keep], head.weight, targets[keep], self.loss_chunk_tokens)
             else:
+                # As many pieces as the micro-batch's positions need, whatever this rank's number of trained ones.
+                chunks = math.ceil(keep.numel() / self.loss_chunk_tokens) if self.loss_chunk_tokens else 1
                 loss = chunked_head_loss(head, hidden[:, :-1][keep], targets[keep], chunks, self.cross_entropy)
         else:
             out = self.lm(input_ids=input_ids, position_ids=position_ids, use_cache=False)
@@ -86,6 +102,80 @@ class TokenLossModel(nn.Module):
             # trained tokens it weighs orth_reg_weight, as in peft (ZeRO-0: every rank holds the same adapters).
             loss = loss + self.orth_reg_weight * adalora_orth_reg(self.lm) * n
         return loss, n
+
+
+def document_bounds(position_ids: torch.Tensor) -> dict[str, Any]:
+    """Where each document of the micro-batch's rows begins and ends once the rows are laid end to end, as
+    flash attention's varlen arguments: a document starts at each row's start and wherever the position ids do
+    not go on by one (packing restarts them at 0 for every document and for the padding)."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    cu = torch.cat([starts.flatten().nonzero().flatten(), position_ids.new_tensor([position_ids.numel()])])
+    cu = cu.to(torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
+_bounds_memo: list = [None, None]  # (the last cu_seq_lens tensor, its documents' lengths): read once per micro-batch
+
+
+def packed_sdpa_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' sdpa attention, run on each document of one row of packed documents by itself (causal,
+    no mask): the work is the sum of the documents' squared lengths, not the row's (with the block-diagonal
+    mask sdpa computes every pair of positions in the row, and a mask stops the CPU's flash kernel skipping
+    any). Without the documents' bounds (evaluation, generation, a prefix adapter's mask) it is sdpa as is,
+    with the mask transformers built from the position ids."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    window = kwargs.get("sliding_window")
+    if (
+        cu_seq_lens_q is None
+        or query.shape[0] != 1
+        or (window is not None and window < kwargs.get("max_length_q", query.shape[2]))
+    ):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    if _bounds_memo[0] is not cu_seq_lens_q:
+        bounds = cu_seq_lens_q.tolist()
+        _bounds_memo[:] = [cu_seq_lens_q, [hi - lo for lo, hi in zip(bounds[:-1], bounds[1:])]]
+    lengths = _bounds_memo[1]
+    # Split, not sliced: the backward pass joins the pieces' gradients once, where each slice's would fill a
+    # tensor of zeros as large as the row.
+    outs = [
+        sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling, is_causal=True)[0]
+        for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))
+    ]
+    return torch.cat(outs, dim=1), None
+
+
+def register_packed_sdpa() -> None:
+    """Make PACKED_SDPA an attention implementation transformers knows, its masks built as for sdpa."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
+    AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)
+
+
+def attention_implementation(cfg: ModelConfig, config) -> str:
+    """The implementation to load with: the packed sdpa for "sdpa" where the architecture calls attention through
+    transformers' interface (PLAIN_HEAD_TYPES do) and its layers are not compiled (a loop over documents would
+    recompile the graph at every micro-batch); otherwise the configured one."""
+    if cfg.attn_implementation == "sdpa" and not cfg.compile_layers and config.model_type in PLAIN_HEAD_TYPES:
+        register_packed_sdpa()
+        return PACKED_SDPA
+    return cfg.attn_implementation
 
 
 def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -123,10 +213,12 @@ class FusedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
+        # Scaled in place: the forward's gradients are used once (no double backward), and a copy of the output
+        # layer's gradient would add its size to the peak.
         grad_hidden, grad_weight = ctx.saved_tensors
         return (
-            grad_hidden * grad_loss.to(grad_hidden.dtype) if grad_hidden is not None else None,
-            (grad_weight * grad_loss).to(ctx.weight_dtype) if grad_weight is not None else None,
+            grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)) if grad_hidden is not None else None,
+            grad_weight.mul_(grad_loss).to(ctx.weight_dtype) if grad_weight is not None else None,
             None,
             None,
         )
@@ -221,9 +313,11 @@ def hf_config(cfg: ModelConfig):
     return config
 
 
-def load_causal_lm(cfg: ModelConfig, dtype: torch.dtype, config=None, zero3: dict | None = None) -> nn.Module:
+def load_causal_lm(
+    cfg: ModelConfig, dtype: torch.dtype, config=None, zero3: dict | None = None, attention: str | None = None
+) -> nn.Module:
     """The HF model (with `config` from `hf_config`, or read here), built partitioned across ranks when
-    `zero3` is the DeepSpeed config of a ZeRO-3 run."""
+    `zero3` is the DeepSpeed config of a ZeRO-3 run, with `attention` (default: the configured one)."""
     global _HF_DEEPSPEED_CONFIG
     # Model classes are imported before zero.Init patches tensor creation (importing them inside it fails).
     from transformers import AutoModelForCausalLM
@@ -239,7 +333,7 @@ def load_causal_lm(cfg: ModelConfig, dtype: torch.dtype, config=None, zero3: dic
         source,
         config=config,
         dtype=dtype,
-        attn_implementation=cfg.attn_implementation,
+        attn_implementation=attention or cfg.attn_implementation,
         trust_remote_code=cfg.trust_remote_code,
         gguf_file=gguf,
     )
@@ -264,15 +358,18 @@ def build_model(
     """The model to train: loaded (partitioned when `zero3` is the ZeRO-3 DeepSpeed config), gradient
     checkpointing and the adapter applied, wrapped for the token loss. The seed draws the adapter's
     initialisation; total_steps is AdaLoRA's budget schedule."""
-    model = load_causal_lm(cfg, dtype, config, zero3)
+    config = config if config is not None else hf_config(cfg)
+    model = load_causal_lm(cfg, dtype, config, zero3, attention_implementation(cfg, config))
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.compile_layers:
         compile_layers(model, zero3=zero3 is not None)
     if cfg.adapter is not None:
         model = apply_adapter(model, cfg.adapter, seed, total_steps)
-    wrapped = TokenLossModel(model, cfg.loss_chunk_tokens, compile_loss=cfg.compile_layers, zero3=zero3 is not None)
-    if cfg.loss_chunk_tokens and not (wrapped.plain_head or wrapped.prefix):
+    wrapped = TokenLossModel(model, compile_loss=cfg.compile_layers, zero3=zero3 is not None)
+    if wrapped.plain_head or wrapped.prefix:
+        wrapped.loss_chunk_tokens = cfg.loss_pieces(zero3 is not None)
+    elif cfg.loss_chunk_tokens:
         raise ValueError(
             f"model.loss_chunk_tokens: {type(model).__name__} computes its logits in its own forward, which "
             f"cannot be cut into pieces (supported: {', '.join(sorted(PLAIN_HEAD_TYPES))}); set it to 0"

@@ -30,7 +30,8 @@ GPUS: dict[str, tuple[float, float]] = {
     "MI300X": (192.0, 1307.4),
 }
 DEEPSPEED_PREFETCH_BUCKET = 50_000_000  # stage3_prefetch_bucket_size's default, in elements
-DEEPSPEED_STAGE12_BUCKET = 500_000_000  # reduce_bucket_size / allgather_bucket_size defaults at stages 1-2
+DEEPSPEED_STAGE12_BUCKET = 500_000_000  # reduce_bucket_size / allgather_bucket_size defaults at stages 1-2, and
+# the elements stage 0 flattens into one buffer per all-reduce
 CHECKPOINT_SHARD_BYTES = 5e9  # transformers' default max_shard_size
 # What a process holds besides the model: the CUDA context, kernels, the allocator's fragmentation.
 RUNTIME_RESERVE_GB = 2.0
@@ -289,6 +290,11 @@ def make_plan(
     elif zero_stage in (1, 2) and w > 1:
         items.append(
             Item("ZeRO reduce/all-gather buckets", 2 * p * DEEPSPEED_STAGE12_BUCKET, "device", "2 x 5e8 elements")
+        )
+    elif zero_stage == 0 and w > 1:  # one worker reduces nothing (the trainer turns the all-reduce off)
+        bucket = min(trained, DEEPSPEED_STAGE12_BUCKET)
+        items.append(
+            Item("all-reduce buffer", p * bucket, "device", f"the gradients flattened, {bucket:,.0f} elements at most")
         )
     items.append(Item("runtime (CUDA context, allocator)", RUNTIME_RESERVE_GB * GB, "device", "a reserve"))
 

@@ -64,6 +64,42 @@ def test_a_packed_document_has_the_loss_it_has_alone(tiny_model_dir, attn, adapt
     assert abs(float(loss_x) - float(loss_a + loss_b)) / float(n_p) > 1e-4
 
 
+def test_swiglu_keeping_gate_and_up_gives_the_same_loss_and_gradients_and_keeps_less(tiny_model_dir):
+    """The MLPs' fused forward (silu(gate) and the product recomputed in the backward pass): the same loss and
+    every gradient as transformers' forward, with two fewer tensors of the MLP's width kept per layer."""
+    from infinitune.trainer.model import fuse_swiglu
+
+    cfg = ModelConfig(path=str(tiny_model_dir))
+    plain = TokenLossModel(load_causal_lm(cfg, torch.float32))
+    fused = TokenLossModel(load_causal_lm(cfg, torch.float32))
+    layers = plain.lm.config.num_hidden_layers
+    assert fuse_swiglu(fused.lm) == layers
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, 500, (2, 48), generator=g)
+    labels = ids.clone()
+    labels[:, :10] = -100
+    positions = torch.arange(48).repeat(2, 1)
+    kept = {}
+    grads = {}
+    for name, model in (("plain", plain), ("fused", fused)):
+        storages = {}
+
+        def pack(t, storages=storages):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, _ = model(ids, labels, positions)
+        loss.backward()
+        kept[name] = sum(storages.values())
+        grads[name] = (loss.detach(), {k: p.grad for k, p in model.named_parameters()})
+    torch.testing.assert_close(grads["fused"][0], grads["plain"][0], rtol=1e-6, atol=1e-6)
+    for k, grad in grads["plain"][1].items():
+        torch.testing.assert_close(grads["fused"][1][k], grad, rtol=1e-4, atol=1e-6, msg=k)
+    width = plain.lm.config.intermediate_size
+    assert kept["plain"] - kept["fused"] == 2 * layers * ids.numel() * width * 4  # two fp32 tensors per layer
+
+
 def test_packed_sdpa_runs_each_document_alone_with_sdpas_loss_and_gradients(tiny_model_dir, monkeypatch):
     """Two rows of packed documents (one continuing from the row before, a padding run at a row's end): the
     packed attention, which lays the rows end to end and runs sdpa on each document by itself, gives the loss

@@ -127,7 +127,7 @@ def one_stage(args) -> dict:
         sums = StepSums(micro)
         if args.host_sync:  # as the loop did before: the trained-token count through the device, read back
             distributed.all_reduce(sums.trained).item()
-        loss_sum = train_step(engine, micro, sums, 1, device)
+        loss_sum, _ = train_step(engine, micro, sums, 1, device)
         if args.host_sync:
             loss_sum.item()
         return loss_sum / sums.trained

@@ -429,3 +429,6 @@ def test_zero_stage_auto_runs_the_stage_it_shows_first_and_in_tensorboard(setup,
     assert "on 1 workers at ZeRO stage 0" in (run_dir_of(config) / "logs" / "rank0.log").read_text()
     assert hparams(config)["deepspeed.zero_stage"] == 0
     assert sorted(step_losses(config)) == [1, 2, 3]
+    # The loop clips at stage 0 in fp32 and reports the norm (DeepSpeed's stage 0 keeps none: it read 0).
+    rows = [json.loads(x) for x in (run_dir_of(config) / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["train/grad_norm"] > 0 for r in rows if "train/loss" in r)

@@ -100,6 +100,23 @@ def test_swiglu_keeping_gate_and_up_gives_the_same_loss_and_gradients_and_keeps_
     assert kept["plain"] - kept["fused"] == 2 * layers * ids.numel() * width * 4  # two fp32 tensors per layer
 
 
+def test_packed_sdpa_is_chosen_only_where_it_keeps_the_models_attention():
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+    from infinitune.trainer.model import PACKED_SDPA, attention_implementation
+
+    def chosen(config, **model):
+        return attention_implementation(ModelConfig(path="m", **model), config)
+
+    assert chosen(LlamaConfig()) == PACKED_SDPA
+    assert chosen(MistralConfig(sliding_window=None)) == PACKED_SDPA
+    assert chosen(Qwen2Config(use_sliding_window=False)) == PACKED_SDPA  # a window configured but off
+    assert chosen(MistralConfig(sliding_window=4096)) == "sdpa"  # the window lives in the mask
+    assert chosen(LlamaConfig(), compile_layers=True) == "sdpa"  # a loop over documents would recompile
+    assert chosen(LlamaConfig(), attn_implementation="eager") == "eager"  # another kernel chosen is kept
+    assert chosen(GPT2Config()) == "sdpa"  # its own attention code
+
+
 def test_packed_sdpa_runs_each_document_alone_with_sdpas_loss_and_gradients(tiny_model_dir, monkeypatch):
     """Two rows of packed documents (one continuing from the row before, a padding run at a row's end): the
     packed attention, which lays the rows end to end and runs sdpa on each document by itself, gives the loss
@@ -279,6 +296,7 @@ def test_deepspeed_config_follows_our_sections():
     assert off["optimizer"]["type"] == "AdamW"  # DeepSpeed's CPU Adam steps the offloaded state
     zero0 = deepspeed_config(DeepSpeedConfig(zero_stage=0, precision="fp32"), TrainConfig(), BatchLayout(8, 1, 1))
     assert zero0["zero_optimization"] == {"stage": 0} and not zero0["bf16"]["enabled"]
+    assert zero0["gradient_clipping"] == 0.0  # the loop clips (and reports the norm) at stage 0 in fp32
 
 
 def test_zero3_reduce_bucket_is_sized_to_the_model():

@@ -9,6 +9,12 @@ from infinitune.trainer.config import DeepSpeedConfig, TrainConfig
 from infinitune.trainer.plan import zero3_reduce_bucket
 
 
+def loop_clips(ds: DeepSpeedConfig) -> bool:
+    """Whether the loop clips the gradients itself: at stage 0 in fp32, where DeepSpeed clips them but keeps no
+    norm to report (its other paths keep the norm they clip with)."""
+    return ds.zero_stage == 0 and ds.precision == "fp32"
+
+
 def deepspeed_config(
     ds: DeepSpeedConfig, train: TrainConfig, layout: BatchLayout, hidden_size: int | None = None
 ) -> dict[str, Any]:
@@ -35,7 +41,7 @@ def deepspeed_config(
         "train_batch_size": layout.global_batch_size,
         "train_micro_batch_size_per_gpu": layout.micro_batch_size,
         "gradient_accumulation_steps": layout.accumulation,
-        "gradient_clipping": train.max_grad_norm,
+        "gradient_clipping": 0.0 if loop_clips(ds) else train.max_grad_norm,
         "zero_optimization": zero,
         "bf16": {"enabled": ds.precision == "bf16"},
         "fp16": {"enabled": ds.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},

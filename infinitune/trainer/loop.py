@@ -31,7 +31,7 @@ from infinitune.trainer.config import (
     ModelConfig,
 )
 from infinitune.trainer.context import RunContext
-from infinitune.trainer.ds_config import deepspeed_config
+from infinitune.trainer.ds_config import deepspeed_config, loop_clips
 from infinitune.trainer.evaluate import as_markdown, evaluate_examples, examples_from_shards, validation_loss
 from infinitune.trainer.metrics import (
     FlopCounter,
@@ -108,8 +108,15 @@ def _loop(trainer: Trainer, spec: TrainerSpec, ctx: RunContext) -> int:
             preempt=trainer.preemption.known(ctx.preemption_requested()),
             writing=trainer.checkpointer.writing(),
         )
-        loss_sum = train_step(
-            trainer.engine, micro, sums, trainer.world, trainer.device, trainer.adalora, state.step + 1
+        loss_sum, clipped_norm = train_step(
+            trainer.engine,
+            micro,
+            sums,
+            trainer.world,
+            trainer.device,
+            trainer.adalora,
+            state.step + 1,
+            clip=spec.train.max_grad_norm if loop_clips(spec.deepspeed) else 0.0,
         )
         state.step += 1
         state.tokens_seen += sums.tokens
@@ -136,7 +143,9 @@ def _loop(trainer: Trainer, spec: TrainerSpec, ctx: RunContext) -> int:
             metrics = {
                 "train/loss": step_loss,
                 "train/lr": lr,
-                "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                "train/grad_norm": float(
+                    clipped_norm if clipped_norm is not None else engine.get_global_grad_norm() or 0.0
+                ),
                 "train/epoch": trainer.train_loader.epoch,
                 "train/trained_tokens": state.trained_tokens_seen,
                 **window.metrics(trainer.peak_tflops * 1e12 * trainer.world),
@@ -276,27 +285,38 @@ class PerfWindow:
 
 
 def train_step(
-    engine, micro: list[dict], sums: StepSums, world: int, device: torch.device, adalora=None, step: int = 0
-) -> torch.Tensor:
-    """One optimizer step over this rank's micro-batches; returns this rank's summed loss, on the device
-    (the loop reduces it over ranks only at the steps that report it: nothing here waits on the device).
+    engine,
+    micro: list[dict],
+    sums: StepSums,
+    world: int,
+    device: torch.device,
+    adalora=None,
+    step: int = 0,
+    clip: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One optimizer step over this rank's micro-batches; returns this rank's summed loss and, where the loop
+    clips (`clip`, the max norm, when DeepSpeed does not), the gradients' norm before clipping, both on the device
+    (the loop reduces the loss over ranks only at the steps that report it: nothing here waits on the device).
 
     Every trained token of the global batch weighs the same: each micro-batch's summed loss is divided by
     the trained tokens of all ranks together, `sums.trained`, first read once the first forward is issued
     (DeepSpeed then averages gradients over ranks, hence x world).
     """
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    norm = None
     for mb in micro:
         loss, _ = engine(*(mb[k].to(device, non_blocking=True) for k in ("input_ids", "labels", "position_ids")))
         engine.backward(loss * (world / max(sums.trained, 1)), scale_wrt_gas=False)
         last = mb is micro[-1]
+        if clip and last:  # the gradients are whole and (the last backward all-reduced them) the same on every rank
+            norm = torch.nn.utils.clip_grad_norm_([p for p in engine.module.parameters() if p.grad is not None], clip)
         if adalora is not None and last:
             adalora.before_step(step)  # reads the gradients, which the optimizer step clears
         engine.step()
         if adalora is not None and last:
             adalora.after_step(step)
         loss_sum += loss.detach().double()
-    return loss_sum
+    return loss_sum, norm
 
 
 def evaluate(trainer: Trainer, spec: TrainerSpec, state: TrainState, ctx: RunContext) -> bool:

@@ -137,12 +137,7 @@ def packed_sdpa_attention(
     with the mask transformers built from the position ids."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    window = kwargs.get("sliding_window")
-    if (
-        cu_seq_lens_q is None
-        or query.shape[0] != 1
-        or (window is not None and window < kwargs.get("max_length_q", query.shape[2]))
-    ):
+    if cu_seq_lens_q is None or query.shape[0] != 1:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
@@ -170,9 +165,16 @@ def register_packed_sdpa() -> None:
 
 def attention_implementation(cfg: ModelConfig, config) -> str:
     """The implementation to load with: the packed sdpa for "sdpa" where the architecture calls attention through
-    transformers' interface (PLAIN_HEAD_TYPES do) and its layers are not compiled (a loop over documents would
-    recompile the graph at every micro-batch); otherwise the configured one."""
-    if cfg.attn_implementation == "sdpa" and not cfg.compile_layers and config.model_type in PLAIN_HEAD_TYPES:
+    transformers' interface (PLAIN_HEAD_TYPES do), without a sliding window (whose mask it would not apply), and
+    its layers are not compiled (a loop over documents would recompile the graph at every micro-batch);
+    otherwise the configured one."""
+    windowed = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
+    if (
+        cfg.attn_implementation == "sdpa"
+        and not cfg.compile_layers
+        and not windowed
+        and config.model_type in PLAIN_HEAD_TYPES
+    ):
         register_packed_sdpa()
         return PACKED_SDPA
     return cfg.attn_implementation

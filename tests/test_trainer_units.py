@@ -124,7 +124,7 @@ def test_packed_sdpa_runs_each_document_alone_with_sdpas_loss_and_gradients(tiny
     import transformers.integrations.sdpa_attention as sdpa_module
     from transformers import AttentionInterface
 
-    from infinitune.trainer.model import PACKED_SDPA, document_bounds, register_packed_sdpa
+    from infinitune.trainer.model import PACKED_SDPA, document_lengths, register_packed_sdpa
 
     register_packed_sdpa()
     cfg = ModelConfig(path=str(tiny_model_dir))
@@ -145,7 +145,7 @@ def test_packed_sdpa_runs_each_document_alone_with_sdpas_loss_and_gradients(tiny
     ).view(2, 64)
     labels = ids.clone()
     labels[0, :4] = labels[0, 20:26] = labels[0, 50:] = labels[1, 40:45] = -100
-    assert document_bounds(positions)["cu_seq_lens_q"].tolist() == [0, 20, 50, 64, 104, 128]
+    assert document_lengths(positions) == [20, 30, 14, 40, 24]
 
     calls = []
     real = sdpa_module.sdpa_attention_forward

@@ -43,7 +43,14 @@ from infinitune.trainer.metrics import (
     host_rss_gb,
     process_counts,
 )
-from infinitune.trainer.model import PRECISION_DTYPES, AdaLoraBudget, build_model, hf_config, parameter_counts
+from infinitune.trainer.model import (
+    PRECISION_DTYPES,
+    AdaLoraBudget,
+    build_model,
+    document_lengths,
+    hf_config,
+    parameter_counts,
+)
 from infinitune.trainer.preemption import EXIT_PREEMPTED, Preemption
 from infinitune.trainer.random_state import RandomState, seed_everything
 from infinitune.trainer.schedule import make_scheduler
@@ -305,7 +312,10 @@ def train_step(
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     norm = None
     for mb in micro:
-        loss, _ = engine(*(mb[k].to(device, non_blocking=True) for k in ("input_ids", "labels", "position_ids")))
+        loss, _ = engine(
+            *(mb[k].to(device, non_blocking=True) for k in ("input_ids", "labels", "position_ids")),
+            documents=document_lengths(mb["position_ids"]),  # from the host's copy
+        )
         engine.backward(loss * (world / max(sums.trained, 1)), scale_wrt_gas=False)
         last = mb is micro[-1]
         if clip and last:  # the gradients are whole and (the last backward all-reduced them) the same on every rank

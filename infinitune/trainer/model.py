@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import logging
 import math
 from typing import Any
@@ -66,8 +67,14 @@ class TokenLossModel(nn.Module):
         self.loss_chunk_tokens = loss_chunk_tokens
 
     def forward(
-        self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor,
+        documents: list[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`documents`: the lengths of the packed documents, rows end to end (`document_lengths` of the position
+        ids while they are on the host: read from a device, they would make the step wait on it)."""
         targets = labels[:, 1:]
         keep = targets != IGNORE
         if self.prefix or self.plain_head:
@@ -79,7 +86,7 @@ class TokenLossModel(nn.Module):
                     input_ids=input_ids.reshape(1, -1),
                     position_ids=position_ids.reshape(1, -1),
                     use_cache=False,
-                    **document_bounds(position_ids),
+                    **document_bounds(documents if documents is not None else document_lengths(position_ids)),
                 )
                 hidden = out.last_hidden_state.view(rows, length, -1)
             else:
@@ -104,19 +111,28 @@ class TokenLossModel(nn.Module):
         return loss, n
 
 
-def document_bounds(position_ids: torch.Tensor) -> dict[str, Any]:
-    """Where each document of the micro-batch's rows begins and ends once the rows are laid end to end, as
-    flash attention's varlen arguments: a document starts at each row's start and wherever the position ids do
-    not go on by one (packing restarts them at 0 for every document and for the padding)."""
+def document_lengths(position_ids: torch.Tensor) -> list[int]:
+    """The lengths of the documents of the micro-batch's rows laid end to end: a document starts at each row's
+    start and wherever the position ids do not go on by one (packing restarts them at 0 for every document and
+    for the padding)."""
+    position_ids = position_ids.cpu()
     starts = torch.ones_like(position_ids, dtype=torch.bool)
     starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    cu = torch.cat([starts.flatten().nonzero().flatten(), position_ids.new_tensor([position_ids.numel()])])
-    cu = cu.to(torch.int32)
-    longest = int((cu[1:] - cu[:-1]).max())
+    bounds = [*starts.flatten().nonzero().flatten().tolist(), position_ids.numel()]
+    return [hi - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+_documents: list = [None, None]  # (the cu_seq_lens tensor of the forward in progress, its documents' lengths)
+
+
+def document_bounds(lengths: list[int]) -> dict[str, Any]:
+    """Flash attention's varlen arguments for documents of these lengths, which the decoder hands to each
+    layer's attention. The offsets stay on the host (only `packed_sdpa_attention` reads them, through the
+    lengths kept here): nothing waits on a device."""
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+    _documents[:] = [cu, lengths]
+    longest = max(lengths)
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
-
-
-_bounds_memo: list = [None, None]  # (the last cu_seq_lens tensor, its documents' lengths): read once per micro-batch
 
 
 def packed_sdpa_attention(
@@ -141,10 +157,11 @@ def packed_sdpa_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    if _bounds_memo[0] is not cu_seq_lens_q:
+    if _documents[0] is cu_seq_lens_q:
+        lengths = _documents[1]
+    else:  # bounds from elsewhere
         bounds = cu_seq_lens_q.tolist()
-        _bounds_memo[:] = [cu_seq_lens_q, [hi - lo for lo, hi in zip(bounds[:-1], bounds[1:])]]
-    lengths = _bounds_memo[1]
+        lengths = [hi - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
     # Split, not sliced: the backward pass joins the pieces' gradients once, where each slice's would fill a
     # tensor of zeros as large as the row.
     outs = [

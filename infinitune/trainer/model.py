@@ -14,6 +14,7 @@ import logging
 import math
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -86,7 +87,7 @@ class TokenLossModel(nn.Module):
                     input_ids=input_ids.reshape(1, -1),
                     position_ids=position_ids.reshape(1, -1),
                     use_cache=False,
-                    **document_bounds(documents if documents is not None else document_lengths(position_ids)),
+                    **document_bounds(documents if documents is not None else document_lengths(position_ids.cpu())),
                 )
                 hidden = out.last_hidden_state.view(rows, length, -1)
             else:
@@ -112,14 +113,14 @@ class TokenLossModel(nn.Module):
 
 
 def document_lengths(position_ids: torch.Tensor) -> list[int]:
-    """The lengths of the documents of the micro-batch's rows laid end to end: a document starts at each row's
-    start and wherever the position ids do not go on by one (packing restarts them at 0 for every document and
-    for the padding)."""
-    position_ids = position_ids.cpu()
-    starts = torch.ones_like(position_ids, dtype=torch.bool)
-    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    bounds = [*starts.flatten().nonzero().flatten().tolist(), position_ids.numel()]
-    return [hi - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
+    """The lengths of the documents of the micro-batch's rows laid end to end, from the host's copy of their
+    position ids (read with `.numpy()`, which a device tensor refuses): a document starts at each row's start
+    and wherever the position ids do not go on by one (packing restarts them at 0 for every document and for
+    the padding)."""
+    positions = position_ids.numpy()
+    starts = np.ones(positions.shape, dtype=bool)
+    starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
+    return np.diff([*np.flatnonzero(starts), positions.size]).tolist()
 
 
 _documents: list = [None, None]  # (the cu_seq_lens tensor of the forward in progress, its documents' lengths)

@@ -150,7 +150,7 @@ def packed_sdpa_attention(
     """transformers' sdpa attention, run on each document of one row of packed documents by itself (causal,
     no mask): the work is the sum of the documents' squared lengths, not the row's (with the block-diagonal
     mask sdpa computes every pair of positions in the row, and a mask stops the CPU's flash kernel skipping
-    any). Without the documents' bounds (evaluation, generation, a prefix adapter's mask) it is sdpa as is,
+    any). Without the documents' bounds (generation, padded batches, a prefix adapter's mask) it is sdpa as is,
     with the mask transformers built from the position ids."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

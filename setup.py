@@ -16,7 +16,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["infinitune", "infinitune.*"]),
     include_package_data=True,
-    package_data={"infinitune": ["py.typed"]},
+    package_data={"infinitune": ["py.typed", "data_pipeline/nltk_data/tokenizers/punkt_tab/english/*"]},
     install_requires=[
         # A range, not a pin: GPU users bring the torch build that matches their CUDA.
         "torch>=2.4",
@@ -41,6 +41,7 @@ setup(
         "tqdm>=4.60",
         "psutil>=5.9",  # host memory and network interfaces (also a DeepSpeed and Ray dependency)
         "gguf>=0.10",
+        "if-verifiable>=0.1.2,<0.2",  # IFEval's verifiers (Google's code), without lm-eval's weight
     ],
     extras_require={
         # moto: a local S3 for tests; import-linter: the layering contract (pyproject.toml)

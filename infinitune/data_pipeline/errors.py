@@ -18,10 +18,13 @@ REASONS: dict[str, str] = {
     "too_long": "raise data.seq_len, or set data.too_long: truncate",
     "no_trained_tokens": "after truncation nothing is left to learn from; raise data.seq_len",
     "subsampled": "not an error: the source's weight < 1 leaves this record out",
+    "multi_turn": "not an error: generate-data --from adds constraints to single-turn records only",
+    "bad_constraints": "give instruction_id_list and kwargs as lists of the same length, one kwargs dict per id",
+    "unknown_instruction": "use IFEval's instruction ids (e.g. keywords:existence); docs/evaluation.md lists them",
 }
 
 # Reasons that describe bad input (an error unless --skip-invalid), as opposed to policy.
-INVALID = frozenset(REASONS) - {"too_long", "no_trained_tokens", "subsampled"}
+INVALID = frozenset(REASONS) - {"too_long", "no_trained_tokens", "subsampled", "multi_turn"}
 
 
 class RecordError(Exception):

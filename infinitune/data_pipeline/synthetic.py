@@ -2,16 +2,26 @@
 
 Record i of seed s depends on (s, i) alone, so any slice of the stream can be made without the rest, and a
 held-out set is simply another seed. The project ships no third-party data: the quickstart trains on this
-and scores exact-match accuracy on held-out tasks.
+and scores exact-match accuracy on held-out tasks. A share of the records can instead carry verifiable
+constraints (`constraints`): a task, or a record of the user's, with one to three IFEval constraints and a
+response that satisfies them, for instruction following scored by `infinitune eval --metrics ifeval`.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from itertools import count, islice
 from typing import Any
+
+from infinitune.data_pipeline.config import SourceConfig
+from infinitune.data_pipeline.constraints import GENERATED_TYPES, Base, make_constraint_record
+from infinitune.data_pipeline.errors import DataError, RecordError
+from infinitune.data_pipeline.formats import ASSISTANT, USER, detect_format, normalise
+from infinitune.data_pipeline.sources import iter_records
 
 _CONSONANTS = "bcdfghjklmnprstvwz"
 _VOWELS = "aeiou"
@@ -113,8 +123,66 @@ TASKS: dict[str, Callable[[random.Random], tuple[str, str, str]]] = {
 }
 
 
-def make_record(seed: int, index: int, tasks: Sequence[str] = tuple(TASKS), fmt: str = "alpaca") -> dict[str, Any]:
-    """Record `index` of the stream for `seed`: alpaca fields or OpenAI messages, plus its task name."""
+@dataclass
+class Mix:
+    """Which records of the stream carry constraints: a share of them, of these types, built on synthetic tasks
+    or on the user's own records (`bases`, taken in turn: record i uses base i mod len(bases))."""
+
+    share: float = 0.0
+    types: Sequence[str] = GENERATED_TYPES
+    bases: Sequence[Base] = field(default_factory=list)
+
+
+_ANSWER_FORM = re.compile(r"\s*Answer (with|as) [^.]*\.")
+
+
+def base_task(rng: random.Random, tasks: Sequence[str]) -> Base:
+    """A synthetic task as a constraint record's base; without the sentence that fixes the answer's form, which
+    the constraints now decide."""
+    task = tasks[rng.randrange(len(tasks))]
+    instruction, extra, answer = TASKS[task](rng)
+    return Base(_ANSWER_FORM.sub("", instruction).strip(), extra, answer, task)
+
+
+def bases_from_records(path: str) -> tuple[list[Base], dict[str, int]]:
+    """The user's single-turn records (any format `prepare` reads) as constraint bases: the question and its
+    answer. The others are counted by reason."""
+    records = list(iter_records(SourceConfig(path=path), "--from"))
+    fmt = detect_format(r for _, r in records if not isinstance(r, RecordError))
+    if fmt is None:
+        raise DataError(f"--from {path}: cannot tell the records' format (alpaca, sharegpt or messages)")
+    bases: list[Base] = []
+    dropped: dict[str, int] = {}
+    for location, record in records:
+        try:
+            if isinstance(record, RecordError):
+                raise record
+            turns = [m for m in normalise(record, fmt).messages if m["role"] in (USER, ASSISTANT)]
+            if len(turns) != 2:
+                raise RecordError("multi_turn", "constraints are added to single-turn records only")
+            bases.append(Base(turns[0]["content"].strip(), "", turns[1]["content"].strip(), f"from:{location}"))
+        except RecordError as e:
+            dropped[e.reason] = dropped.get(e.reason, 0) + 1
+    if not bases:
+        raise DataError(f"--from {path}: no single-turn record to add constraints to (left out: {dropped})")
+    return bases, dropped
+
+
+def make_record(
+    seed: int, index: int, tasks: Sequence[str] = tuple(TASKS), fmt: str = "alpaca", mix: Mix | None = None
+) -> dict[str, Any] | None:
+    """Record `index` of the stream for `seed`: alpaca fields or OpenAI messages, plus its task name (and for
+    a constraint record its `instruction_id_list` and `kwargs`). None: the user's base `index` could not be
+    given constraints its answer satisfies."""
+    if mix is not None and mix.share > 0:
+        rng = random.Random(f"infinitune-constraints/{seed}/{index}")
+        if rng.random() < mix.share:
+            if mix.bases:
+                return make_constraint_record(rng, mix.bases[index % len(mix.bases)], mix.types, fmt)
+            while True:  # a synthetic base that fits none of the drawn constraints is simply replaced
+                record = make_constraint_record(rng, base_task(rng, tasks), mix.types, fmt)
+                if record is not None:
+                    return record
     rng = random.Random(f"infinitune-synthetic/{seed}/{index}")
     task = tasks[rng.randrange(len(tasks))]
     instruction, extra, answer = TASKS[task](rng)
@@ -129,22 +197,32 @@ def make_record(seed: int, index: int, tasks: Sequence[str] = tuple(TASKS), fmt:
     raise ValueError(f"fmt must be alpaca or messages; got {fmt!r}")
 
 
-def stream(seed: int = 0, start: int = 0, tasks: Sequence[str] | None = None, fmt: str = "alpaca") -> Iterator[dict]:
-    """Records start, start+1, ... of the stream for `seed`, without end."""
+def stream(
+    seed: int = 0, start: int = 0, tasks: Sequence[str] | None = None, fmt: str = "alpaca", mix: Mix | None = None
+) -> Iterator[dict | None]:
+    """Records start, start+1, ... of the stream for `seed`, without end (None: see `make_record`)."""
     names = tuple(tasks or TASKS)
     unknown = [t for t in names if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; known: {', '.join(TASKS)}")
     for i in count(start):
-        yield make_record(seed, i, names, fmt)
+        yield make_record(seed, i, names, fmt, mix)
 
 
-def write_jsonl(path: str, n: int, seed: int = 0, tasks: Sequence[str] | None = None, fmt: str = "alpaca") -> int:
-    """Write the first `n` records of the stream to `path` (JSONL); returns n."""
+def write_jsonl(
+    path: str, n: int, seed: int = 0, tasks: Sequence[str] | None = None, fmt: str = "alpaca", mix: Mix | None = None
+) -> dict[str, int]:
+    """Write the first `n` records of the stream to `path` (JSONL); returns the records written by kind
+    (`plain`, `constraints`) and the user's bases left out (`no_constraint_fits`)."""
+    counts = {"plain": 0, "constraints": 0, "no_constraint_fits": 0}
     with open(path, "w", encoding="utf-8") as f:
-        for rec in islice(stream(seed, 0, tasks, fmt), n):
+        for rec in islice(stream(seed, 0, tasks, fmt, mix), n):
+            if rec is None:
+                counts["no_constraint_fits"] += 1
+                continue
+            counts["constraints" if "instruction_id_list" in rec else "plain"] += 1
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    return n
+    return counts
 
 
 def answer_of(record: dict[str, Any]) -> str:

@@ -35,17 +35,48 @@ def _count(text: str) -> int:
 
 
 def cmd_generate_data(args: argparse.Namespace) -> int:
-    from infinitune.data_pipeline import synthetic
+    from infinitune.data_pipeline import constraints, synthetic
 
     tasks = args.tasks.split(",") if args.tasks else None
     if tasks:
         unknown = [t for t in tasks if t not in synthetic.TASKS]
         if unknown:
             raise ConfigError("--tasks", f"unknown task(s) {unknown}; known: {', '.join(synthetic.TASKS)}")
+    if not 0 <= args.constraints <= 1:
+        raise ConfigError(
+            "--constraints", f"is the share of records with constraints, in [0, 1]; got {args.constraints}"
+        )
+    mix = None
+    if args.constraints > 0:
+        try:
+            types = constraints.check_types(
+                args.constraint_types.split(",") if args.constraint_types else constraints.GENERATED_TYPES,
+                "--constraint-types",
+            )
+            held_out = constraints.check_types(
+                args.hold_out_types.split(",") if args.hold_out_types else [], "--hold-out-types"
+            )
+        except ValueError as e:
+            raise ConfigError(str(e).split(":")[0], str(e).split(": ", 1)[1]) from None
+        types = [t for t in types if t not in held_out]
+        if not types:
+            raise ConfigError("--hold-out-types", "holds out every constraint type; leave some to generate")
+        bases, left_out = synthetic.bases_from_records(args.source) if args.source else ([], {})
+        for reason, n in sorted(left_out.items()):
+            print(f"--from {args.source}: {n} records left out ({reason})")
+        mix = synthetic.Mix(args.constraints, types, bases)
+    elif args.source or args.constraint_types or args.hold_out_types:
+        raise ConfigError("--constraints", "--from, --constraint-types and --hold-out-types need --constraints > 0")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     t0 = time.perf_counter()
-    synthetic.write_jsonl(args.out, args.n, args.seed, tasks, args.format)
-    print(f"wrote {args.n} {args.format} records (seed {args.seed}) to {args.out} in {time.perf_counter() - t0:.1f}s")
+    counts = synthetic.write_jsonl(args.out, args.n, args.seed, tasks, args.format, mix)
+    written = counts["plain"] + counts["constraints"]
+    kinds = f" ({counts['plain']} plain, {counts['constraints']} with constraints)" if mix else ""
+    print(
+        f"wrote {written} {args.format} records{kinds} (seed {args.seed}) to {args.out} in {time.perf_counter() - t0:.1f}s"
+    )
+    if counts["no_constraint_fits"]:
+        print(f"left out {counts['no_constraint_fits']} --from records: no drawn constraints fit their answer")
     return 0
 
 
@@ -254,17 +285,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
         metrics = parse_metrics(args.metrics)
     except ValueError as e:
         raise ConfigError("--metrics", str(e).split(": ", 1)[1]) from None
-    if not Path(args.data).exists() and "://" not in args.data:
-        raise ConfigError("--data", f"{args.data} does not exist; give a file of records or a shards directory")
+    for data in args.data:
+        if not Path(data).exists() and "://" not in data:
+            raise ConfigError("--data", f"{data} does not exist; give a file of records or a shards directory")
+    data = args.data[0] if len(args.data) == 1 else args.data
     sampling = Sampling(args.temperature, args.top_p, args.seed) if args.sample else None
     settings = EvalSettings(metrics, args.max_new_tokens, args.batch_size, args.limit, sampling, args.step)
     if args.workers > 1:
         from infinitune.cluster.eval_job import eval_on_workers
 
-        rows, dropped, total = eval_on_workers(args.model, args.data, settings, args.workers, args.address)
+        rows, dropped, total = eval_on_workers(args.model, data, settings, args.workers, args.address)
     else:
-        rows, dropped, total = eval_slice(args.model, args.data, settings)
-    report = build_report(args.model, args.data, settings, rows, dropped, total)
+        rows, dropped, total = eval_slice(args.model, data, settings)
+    report = build_report(args.model, data, settings, rows, dropped, total)
     print(format_report(report))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -363,6 +396,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .jsonl file")
     p.add_argument("--format", choices=["alpaca", "messages"], default="alpaca")
     p.add_argument("--tasks", default=None, help="comma-separated task names (default: all)")
+    p.add_argument(
+        "--constraints",
+        type=float,
+        default=0.0,
+        help="share of records (0-1) that get 1-3 verifiable IFEval constraints and a response that follows them",
+    )
+    p.add_argument("--constraint-types", default=None, help="comma-separated constraint types to draw (default: all)")
+    p.add_argument(
+        "--hold-out-types",
+        default=None,
+        help="comma-separated constraint types never drawn (to measure following a type never trained on)",
+    )
+    p.add_argument(
+        "--from",
+        dest="source",
+        default=None,
+        help="add the constraints to these single-turn records (any format prepare reads) instead of synthetic tasks",
+    )
     p.set_defaults(func=cmd_generate_data)
 
     p = sub.add_parser("prepare", help="sources -> chat-templated, masked, packed WebDataset shards")
@@ -430,11 +481,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
-        "eval", help="score a model, an export or a run on held-out tasks: exact match, ROUGE-L, BLEU, loss"
+        "eval",
+        help="score a model, an export or a run on held-out tasks: exact match, ROUGE-L, BLEU, loss, and "
+        "instruction following on prompts with verifiable constraints (ifeval)",
     )
     p.add_argument("model", help="an HF directory, a hub id or .gguf (the base model), or a run directory")
-    p.add_argument("--data", required=True, help="records (JSON, JSONL, parquet, ...) or a prepared shards directory")
-    p.add_argument("--metrics", default="exact_match,rouge_l,bleu,loss", help="comma-separated, from the above")
+    p.add_argument(
+        "--data",
+        required=True,
+        action="append",
+        help="records (JSON, JSONL, parquet, ...; with constraints, or IFEval's input_data.jsonl) or a prepared "
+        "shards directory; repeat it to score several sets with one model load (the report has each apart)",
+    )
+    p.add_argument(
+        "--metrics",
+        default="exact_match,rouge_l,bleu,loss",
+        help="comma-separated, from the above; ifeval: prompt- and instruction-level accuracy, strict and loose",
+    )
     p.add_argument("--limit", type=_count, default=None, help="use the first N examples")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=8)

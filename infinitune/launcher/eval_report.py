@@ -6,33 +6,57 @@ from dataclasses import asdict
 from typing import Any
 
 from infinitune.trainer.evaluate import EvalSettings
-from infinitune.trainer.scoring import GENERATION_METRICS, score_rows
+from infinitune.trainer.scoring import REFERENCE_METRICS, ifeval_by_type, score_rows
 
 
-def build_report(target: str, data: str, settings: EvalSettings, rows, dropped, total: int) -> dict[str, Any]:
-    aggregates = score_rows(rows, settings.metrics)
-    return {
+def build_report(target: str, data: str | list[str], settings: EvalSettings, rows, dropped, total: int) -> dict:
+    """The aggregates over all rows; with several data sets, also per set (`by_data`); with ifeval, the
+    instruction-level accuracy per constraint type (`ifeval_by_type`)."""
+    report: dict[str, Any] = {
         "model": target,
         "data": data,
         "examples": total,
-        "metrics": aggregates,
+        "metrics": score_rows(rows, settings.metrics),
         "dropped": dropped,
         "settings": asdict(settings),
-        "rows": rows,
     }
+    if not isinstance(data, str) and len(data) > 1:
+        report["by_data"] = {d: score_rows([r for r in rows if r.get("data") == d], settings.metrics) for d in data}
+    if "ifeval" in settings.metrics:
+        report["ifeval_by_type"] = ifeval_by_type(rows)
+        if not isinstance(data, str) and len(data) > 1:
+            report["ifeval_by_type_by_data"] = {
+                d: ifeval_by_type([r for r in rows if r.get("data") == d]) for d in data
+            }
+    report["rows"] = rows
+    return report
 
 
 def format_report(report: dict[str, Any], show: int = 5) -> str:
     """The terminal view of a report: a few rows, then one line per aggregate."""
     lines = []
     for r in report["rows"][:show]:
-        scores = " ".join(f"{m}={r[m]:.3g}" for m in (*GENERATION_METRICS, "loss") if m in r)
+        scores = " ".join(f"{m}={r[m]:.3g}" for m in (*REFERENCE_METRICS, "ifeval_prompt_strict", "loss") if m in r)
         answer = r.get("answer", "")
-        lines.append(f"  {r['where']}: {answer[:50]!r} (want {r['reference'][:50]!r}) {scores}")
-    width = max(len(k) for k in report["metrics"]) if report["metrics"] else 0
-    lines.append(f"{report['model']} on {report['examples']} examples of {report['data']}:")
-    for name, value in report["metrics"].items():
-        lines.append(f"  {name:<{width}}  {value:.4f}" if isinstance(value, float) else f"  {name:<{width}}  {value}")
+        want = f" (want {r['reference'][:50]!r})" if r.get("reference") is not None else ""
+        lines.append(f"  {r['where']}: {answer[:50]!r}{want} {scores}")
+
+    def block(title: str, metrics: dict[str, Any]) -> None:
+        width = max((len(k) for k in metrics), default=0)
+        lines.append(title)
+        for name, value in metrics.items():
+            lines.append(
+                f"  {name:<{width}}  {value:.4f}" if isinstance(value, float) else f"  {name:<{width}}  {value}"
+            )
+
+    data = report["data"] if isinstance(report["data"], str) else ", ".join(report["data"])
+    block(f"{report['model']} on {report['examples']} examples of {data}:", report["metrics"])
+    for name, metrics in report.get("by_data", {}).items():
+        block(f" {name}:", metrics)
+    if report.get("ifeval_by_type"):
+        lines.append("  instruction-level accuracy by type (strict / loose, instructions):")
+        for name, e in report["ifeval_by_type"].items():
+            lines.append(f"    {name:<46} {e['strict']:.3f} / {e['loose']:.3f}  ({e['n']})")
     if report["dropped"]:
         lines.append("  records left out: " + ", ".join(f"{k} {v}" for k, v in sorted(report["dropped"].items())))
     return "\n".join(lines)

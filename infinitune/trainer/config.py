@@ -6,12 +6,12 @@ from typing import Literal, get_args
 
 from pydantic import Field
 
-from infinitune.trainer.scoring import GENERATION_METRICS
+from infinitune.trainer.scoring import GENERATION_METRICS, IFEVAL_SCORES, REFERENCE_METRICS
 from infinitune.typed_config import Section, require
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 DTYPES: tuple[str, ...] = get_args(Dtype)
-EarlyStoppingMetric = Literal[("loss", *GENERATION_METRICS)]  # type: ignore[valid-type]
+EarlyStoppingMetric = Literal[("loss", *REFERENCE_METRICS, *IFEVAL_SCORES)]  # type: ignore[valid-type]
 
 MERGEABLE = frozenset({"lora", "adalora", "ia3"})  # folded into the base weights at export
 
@@ -167,9 +167,17 @@ class TrainConfig(Section):
     """Validation tasks answered greedily at each evaluation (the same ones each time): scored by
     eval_metrics, and a few logged in full as TensorBoard text."""
 
-    eval_metrics: list[str] = Field(default_factory=lambda: list(GENERATION_METRICS))
-    """Scores of the generated answers against the references, written as eval/<name>: exact_match,
-    rouge_l (F1, rouge-score), bleu (corpus BLEU, sacrebleu). The validation loss is always computed."""
+    eval_tasks: str | None = None
+    """A file of held-out records (any format `prepare` reads, or IFEval's prompts) whose first
+    eval_generations are the tasks answered at each evaluation, instead of the validation split's documents;
+    records with constraints (`generate-data --constraints`) are what `ifeval` scores. Every worker reads it:
+    on a cluster, a path on shared storage."""
+
+    eval_metrics: list[str] = Field(default_factory=lambda: list(REFERENCE_METRICS))
+    """Scores of the generated answers, written as eval/<name>: against the references, exact_match,
+    rouge_l (F1, rouge-score), bleu (corpus BLEU, sacrebleu); ifeval (needs eval_tasks with constraints):
+    eval/ifeval_prompt_strict, _prompt_loose, _instruction_strict, _instruction_loose. The validation loss is
+    always computed."""
 
     max_new_tokens: int = Field(64, gt=0)
     """Longest generated answer in evaluation."""
@@ -180,9 +188,15 @@ class TrainConfig(Section):
     def check(self) -> None:
         unknown = [m for m in self.eval_metrics if m not in GENERATION_METRICS]
         require(not unknown, "eval_metrics", f"unknown {unknown}; choose from {', '.join(GENERATION_METRICS)}")
+        require(
+            "ifeval" not in self.eval_metrics or self.eval_tasks is not None,
+            "eval_metrics",
+            "ifeval scores records with constraints: set train.eval_tasks to a file of them (generate-data --constraints 1)",
+        )
         if self.early_stopping_patience and self.early_stopping_metric != "loss":
+            family = "ifeval" if self.early_stopping_metric in IFEVAL_SCORES else self.early_stopping_metric
             require(
-                self.early_stopping_metric in self.eval_metrics and self.eval_generations > 0,
+                family in self.eval_metrics and self.eval_generations > 0,
                 "early_stopping_metric",
                 f"{self.early_stopping_metric} is only computed when it is in eval_metrics and eval_generations > 0",
             )

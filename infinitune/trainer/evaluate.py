@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from infinitune.data_pipeline.config import SourceConfig
+from infinitune.data_pipeline.constraints import registry
 from infinitune.data_pipeline.errors import DataError, RecordError
 from infinitune.data_pipeline.formats import detect_format, normalise
 from infinitune.data_pipeline.shards import Manifest, check_tokenizer, iter_shard, join_url, read_manifest
@@ -25,7 +26,7 @@ from infinitune.data_pipeline.tokenizer import resolve_chat_template, tokenizer_
 from infinitune.trainer import distributed
 from infinitune.trainer.generation import Sampling, generate
 from infinitune.trainer.loading import load_for_eval
-from infinitune.trainer.scoring import GENERATION_METRICS
+from infinitune.trainer.scoring import GENERATION_METRICS, REFERENCE_METRICS
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +52,12 @@ class Example:
     the whole conversation's ids with labels on the answer."""
 
     prompt_ids: list[int]
-    reference: str
+    reference: str | None  # None: a prompt alone (IFEval's own records), scored by its constraints only
     where: str  # file:line, or shard#document
     ids: list[int] | None = None
     labels: list[int] | None = None
+    constraints: dict[str, Any] | None = None  # instruction_id_list, kwargs, and the request they are about
+    data: str | None = None  # which of several --data it came from
 
 
 def examples_from_shards(base: str, manifest: Manifest, tokenizer, n: int | None, split: str = "val") -> list[Example]:
@@ -87,18 +90,42 @@ def examples_from_shards(base: str, manifest: Manifest, tokenizer, n: int | None
     return examples
 
 
+def _constraints(record: Any, request: str) -> dict[str, Any] | None:
+    """A record's verifiable constraints (IFEval's `instruction_id_list` and `kwargs`), or None; RecordError for
+    constraints the verifiers cannot score."""
+    if not isinstance(record, dict) or "instruction_id_list" not in record:
+        return None
+    ids, kwargs = record["instruction_id_list"], record.get("kwargs")
+    if not isinstance(ids, list) or not isinstance(kwargs, list) or len(ids) != len(kwargs):
+        raise RecordError("bad_constraints", "instruction_id_list and kwargs must be lists of the same length")
+    unknown = [i for i in ids if i not in registry()]
+    if unknown:
+        raise RecordError("unknown_instruction", f"unknown instruction id(s) {unknown}; see IFEval's list")
+    return {"instruction_id_list": ids, "kwargs": [k or {} for k in kwargs], "request": request}
+
+
+def _is_ifeval_prompt(record: Any) -> bool:
+    """IFEval's own `input_data.jsonl` record: a prompt and its constraints, no answer."""
+    return isinstance(record, dict) and "prompt" in record and "instruction_id_list" in record
+
+
 def examples_from_records(path: str, tokenizer, limit: int | None = None) -> tuple[list[Example], dict[str, int]]:
     """Held-out tasks from a file of records in any format `prepare` reads: the conversation without its last
-    answer is the prompt (through the tokenizer's chat template), that answer the reference. Records that
+    answer is the prompt (through the tokenizer's chat template), that answer the reference. Records with
+    verifiable constraints keep them, and IFEval's own prompt records (no answer) are read too. Records that
     cannot be used are counted by reason, never silently left out."""
     records = []
     for location, record in iter_records(SourceConfig(path=path), "--data"):
         records.append((location, record))
         if limit is not None and len(records) >= limit:
             break
-    fmt = detect_format(r for _, r in records if not isinstance(r, RecordError))
-    if fmt is None:
-        raise DataError(f"--data {path}: cannot tell the records' format (alpaca, sharegpt or messages)")
+    usable = [r for _, r in records if not isinstance(r, RecordError)]
+    ifeval = bool(usable) and all(_is_ifeval_prompt(r) for r in usable)
+    fmt = None if ifeval else detect_format(usable)
+    if fmt is None and not ifeval:
+        raise DataError(
+            f"--data {path}: cannot tell the records' format (alpaca, sharegpt, messages, or IFEval's prompts)"
+        )
     encoder = ChatEncoder(tokenizer, resolve_chat_template(tokenizer, None), train_on="last")
     examples: list[Example] = []
     dropped: dict[str, int] = {}
@@ -106,6 +133,20 @@ def examples_from_records(path: str, tokenizer, limit: int | None = None) -> tup
         try:
             if isinstance(record, RecordError):
                 raise record
+            if ifeval:
+                if not isinstance(record["prompt"], str) or not record["prompt"].strip():
+                    raise RecordError("missing_field", "field 'prompt' is empty")
+                messages = [{"role": "user", "content": record["prompt"]}]
+                prompt = encoder.render(messages, None, generation_prompt=True)
+                examples.append(
+                    Example(
+                        prompt_ids=tokenizer(prompt, add_special_tokens=False)["input_ids"],
+                        reference=None,
+                        where=location,
+                        constraints=_constraints(record, record["prompt"]),
+                    )
+                )
+                continue
             conv = normalise(record, fmt)
             if conv.messages[-1]["role"] != "assistant":
                 raise RecordError("no_answer", "the last turn is not an answer to compare with")
@@ -114,6 +155,7 @@ def examples_from_records(path: str, tokenizer, limit: int | None = None) -> tup
             encoded = encoder.encode([conv])[0]
             if isinstance(encoded, RecordError):
                 raise encoded
+            constraints = _constraints(record, conv.messages[-2]["content"])
         except RecordError as e:
             dropped[e.reason] = dropped.get(e.reason, 0) + 1
             log.warning("%s: skipped (%s)", location, e)
@@ -126,13 +168,15 @@ def examples_from_records(path: str, tokenizer, limit: int | None = None) -> tup
                 where=location,
                 ids=ids.tolist(),
                 labels=labels.tolist(),
+                constraints=constraints,
             )
         )
     return examples, dropped
 
 
 def answer_losses(lm, examples: list[Example], batch_size: int = 8, progress=None) -> list[tuple[float, int]]:
-    """(summed cross-entropy, tokens) of each example's answer tokens under the model (right-padded batches)."""
+    """(summed cross-entropy, tokens) of each example's answer tokens under the model (right-padded batches);
+    all of `examples` must have an answer (`ids`)."""
     device = distributed.device()
     out: list[tuple[float, int]] = []
     was_training = lm.training
@@ -173,6 +217,8 @@ def evaluate_examples(
             "where": e.where,
             "prompt": tokenizer.decode(e.prompt_ids, skip_special_tokens=False),
             "reference": e.reference,
+            **(e.constraints or {}),
+            **({"data": e.data} if e.data else {}),
         }
         for e in examples
     ]
@@ -192,8 +238,10 @@ def evaluate_examples(
         for row, answer in zip(rows, answers):
             row["answer"] = answer
     if "loss" in metrics:
-        # The progress counts examples once: by the generation when there is one.
-        for row, (total, n) in zip(rows, answer_losses(lm, examples, batch_size, None if generating else progress)):
+        # The progress counts examples once: by the generation when there is one. Prompts alone have no loss.
+        answered = [(row, e) for row, e in zip(rows, examples) if e.ids is not None]
+        losses = answer_losses(lm, [e for _, e in answered], batch_size, None if generating else progress)
+        for (row, _), (total, n) in zip(answered, losses):
             row["loss_sum"], row["loss_tokens"] = total, n
     return rows
 
@@ -204,20 +252,31 @@ def as_markdown(rows: list[dict]) -> str:
     def cell(text: str) -> str:
         return text.replace("|", "\\|").replace("\n", "<br>")
 
-    scores = [m for m in (*GENERATION_METRICS, "loss") if rows and m in rows[0]]
+    scores = [m for m in (*REFERENCE_METRICS, "ifeval_prompt_strict", "loss") if rows and m in rows[0]]
     lines = ["| " + " | ".join(["prompt", "answer", "reference", *scores]) + " |", "|---" * (3 + len(scores)) + "|"]
     for r in rows:
-        values = [f"{r[m]:.3g}" for m in scores]
+        values = [f"{r[m]:.3g}" if m in r else "" for m in scores]
         lines.append(
             "| "
-            + " | ".join([cell(r["prompt"][-300:]), cell(r.get("answer", "")), cell(r["reference"]), *values])
+            + " | ".join([cell(r["prompt"][-300:]), cell(r.get("answer", "")), cell(r["reference"] or ""), *values])
             + " |"
         )
     return "\n".join(lines)
 
 
-def load_examples(data: str, tokenizer, limit: int | None) -> tuple[list[Example], dict[str, int]]:
-    """Examples from a prepared shards directory (its validation split) or a file/directory of records."""
+def load_examples(data: str | list[str], tokenizer, limit: int | None) -> tuple[list[Example], dict[str, int]]:
+    """Examples from a prepared shards directory (its validation split) or a file/directory of records; from
+    several, one after the other (`limit` then applies to each), each row knowing which it came from."""
+    if not isinstance(data, str):
+        examples, dropped = [], {}
+        for one in data:
+            part, left = load_examples(one, tokenizer, limit)
+            for e in part:
+                e.data = one
+            examples += part
+            for reason, n in left.items():
+                dropped[reason] = dropped.get(reason, 0) + n
+        return examples, dropped
     if (Path(data) / "manifest.json").is_file() or "://" in data:
         manifest = read_manifest(data)
         # Token ids only mean the same text under the tokenizer that made them (the prompts carry their template).
@@ -239,10 +298,17 @@ class EvalSettings:
     step: int | None = None
 
 
-def eval_slice(target: str, data: str, settings: EvalSettings, lo: int = 0, hi: int | None = None, progress=True):
+def eval_slice(
+    target: str, data: str | list[str], settings: EvalSettings, lo: int = 0, hi: int | None = None, progress=True
+):
     """(rows of examples lo..hi, records left out by reason, examples in all): one worker's share."""
     lm, tokenizer = load_for_eval(target, settings.step)
     examples, dropped = load_examples(data, tokenizer, settings.limit)
+    if "ifeval" in settings.metrics and not any(e.constraints for e in examples):
+        raise DataError(
+            f"--metrics ifeval: no record of --data {data} carries constraints (instruction_id_list and kwargs); "
+            "make some with `infinitune generate-data --constraints 1`, or pass IFEval's input_data.jsonl"
+        )
     mine = examples[lo:hi]
     with tqdm(total=len(mine), unit="ex", desc="eval", disable=not progress) as bar:
         rows = evaluate_examples(

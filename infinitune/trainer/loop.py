@@ -32,7 +32,13 @@ from infinitune.trainer.config import (
 )
 from infinitune.trainer.context import RunContext
 from infinitune.trainer.ds_config import deepspeed_config, loop_clips
-from infinitune.trainer.evaluate import as_markdown, evaluate_examples, examples_from_shards, validation_loss
+from infinitune.trainer.evaluate import (
+    as_markdown,
+    evaluate_examples,
+    examples_from_records,
+    examples_from_shards,
+    validation_loss,
+)
 from infinitune.trainer.metrics import (
     FlopCounter,
     MetricsWriter,
@@ -362,6 +368,22 @@ def evaluate(trainer: Trainer, spec: TrainerSpec, state: TrainState, ctx: RunCon
     return bool(patience and state.evals_without_improvement >= patience)
 
 
+def eval_tasks(spec: TrainerSpec, base: str, manifest, tokenizer) -> list:
+    """The tasks answered at each evaluation: the first eval_generations of train.eval_tasks, or else of the
+    validation split's documents."""
+    n = spec.train.eval_generations
+    if not n:
+        return []
+    if spec.train.eval_tasks is None:
+        return examples_from_shards(base, manifest, tokenizer, n)
+    examples, dropped = examples_from_records(spec.train.eval_tasks, tokenizer, n)
+    if dropped:
+        log.warning("train.eval_tasks %s: records left out: %s", spec.train.eval_tasks, dropped)
+    if "ifeval" in spec.train.eval_metrics and not any(e.constraints for e in examples):
+        raise DataError(f"train.eval_tasks {spec.train.eval_tasks}: no record carries constraints for ifeval")
+    return examples
+
+
 def save(trainer: Trainer, step: int, ctx: RunContext, background: bool = False) -> None:
     t0 = time.perf_counter()
     completed(trainer, ctx, trainer.checkpointer.wait())  # one background save at a time
@@ -545,9 +567,7 @@ def setup(spec: TrainerSpec, ctx: RunContext) -> Trainer:
         tokenizer=tokenizer,
         train_loader=train_loader,
         val_loader=val_loader,
-        examples=examples_from_shards(base, manifest, tokenizer, spec.train.eval_generations)
-        if val_loader and spec.train.eval_generations
-        else [],
+        examples=eval_tasks(spec, base, manifest, tokenizer) if val_loader else [],
         checkpointer=checkpointer,
         metrics=metrics,
         preemption=Preemption(spec.checkpoint.preemption_grace_s),

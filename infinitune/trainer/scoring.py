@@ -1,5 +1,7 @@
-"""Scoring generated answers against references: exact match, ROUGE-L (`rouge-score`), BLEU (`sacrebleu`), and
-the answer tokens' loss. One implementation for `infinitune eval` and for evaluation during training."""
+"""Scoring generated answers against references: exact match, ROUGE-L (`rouge-score`), BLEU (`sacrebleu`), the
+answer tokens' loss, and instruction following on prompts with verifiable constraints (IFEval: prompt-level
+and instruction-level accuracy, strict and loose). One implementation for `infinitune eval` and for
+evaluation during training."""
 
 from __future__ import annotations
 
@@ -8,10 +10,19 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
-GENERATION_METRICS = ("exact_match", "rouge_l", "bleu")
+from infinitune.data_pipeline.constraints import follows
+
+REFERENCE_METRICS = ("exact_match", "rouge_l", "bleu")  # the answer against its reference
+GENERATION_METRICS = (*REFERENCE_METRICS, "ifeval")
 METRICS = (*GENERATION_METRICS, "loss")
+# What `ifeval` writes: the share of prompts whose every constraint is followed, and of constraints followed.
+IFEVAL_SCORES = ("ifeval_prompt_strict", "ifeval_prompt_loose", "ifeval_instruction_strict", "ifeval_instruction_loose")
 # Which way is better, for early stopping and for `compare`.
-HIGHER_IS_BETTER = {**dict.fromkeys(GENERATION_METRICS, True), "loss": False, "ppl": False}
+HIGHER_IS_BETTER = {
+    **dict.fromkeys((*REFERENCE_METRICS, *IFEVAL_SCORES), True),
+    "loss": False,
+    "ppl": False,
+}
 
 
 def perplexity(loss: float) -> float:
@@ -65,13 +76,42 @@ def corpus_bleu(answers: Sequence[str], *reference_sets: Sequence[str]) -> float
     return float(sacrebleu.corpus_bleu(list(answers), [list(refs) for refs in reference_sets]).score)
 
 
+def score_ifeval(row: dict[str, Any]) -> None:
+    """Adds to a row with constraints (`instruction_id_list`, `kwargs`, `request`) whether its answer follows
+    each, and all of them, strictly and loosely."""
+    results = follows(row["answer"], row["instruction_id_list"], row["kwargs"], row.get("request", ""))
+    row["ifeval"] = [{"id": r.instruction_id, "strict": r.strict, "loose": r.loose} for r in results]
+    row["ifeval_prompt_strict"] = float(all(r.strict for r in results))
+    row["ifeval_prompt_loose"] = float(all(r.loose for r in results))
+
+
+def ifeval_by_type(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Instruction-level accuracy, strict and loose, per instruction id, over the rows scored by `ifeval`."""
+    by: dict[str, dict[str, float]] = {}
+    for row in rows:
+        for r in row.get("ifeval", ()):
+            entry = by.setdefault(r["id"], {"n": 0, "strict": 0.0, "loose": 0.0})
+            entry["n"] += 1
+            entry["strict"] += r["strict"]
+            entry["loose"] += r["loose"]
+    for entry in by.values():
+        entry["strict"] /= entry["n"]
+        entry["loose"] /= entry["n"]
+    return dict(sorted(by.items()))
+
+
 def score_rows(rows: list[dict[str, Any]], metrics: Sequence[str]) -> dict[str, float]:
-    """Adds each requested generation metric to every row (which holds `answer` and `reference`, and for loss
-    `loss_sum` and `loss_tokens`), and returns the aggregates: means, corpus BLEU, token-weighted loss and its
-    perplexity."""
+    """Adds each requested generation metric to every row (which holds `answer` and `reference`, for loss
+    `loss_sum` and `loss_tokens`, for ifeval its constraints), and returns the aggregates: means, corpus BLEU,
+    token-weighted loss and its perplexity, IFEval's accuracies. Rows without a reference (IFEval's own
+    prompts) are left out of the reference metrics, rows without constraints out of ifeval's."""
     out: dict[str, float] = {}
     for row in rows:
         if "answer" not in row:
+            continue
+        if "ifeval" in metrics and "instruction_id_list" in row:
+            score_ifeval(row)
+        if row.get("reference") is None:
             continue
         if "exact_match" in metrics:
             row["exact_match"] = exact_match(row["answer"], row["reference"])
@@ -79,7 +119,16 @@ def score_rows(rows: list[dict[str, Any]], metrics: Sequence[str]) -> dict[str, 
             row["rouge_l"] = rouge_l(row["answer"], row["reference"])
         if "bleu" in metrics:
             row["bleu"] = sentence_bleu(row["answer"], row["reference"])
-    generated = [r for r in rows if "answer" in r]
+    generated = [r for r in rows if "answer" in r and r.get("reference") is not None]
+    constrained = [r for r in rows if "ifeval" in r]
+    if "ifeval" in metrics and constrained:  # none: a set of plain tasks beside constrained ones
+        followed = [f for r in constrained for f in r["ifeval"]]
+        for level, items in (("prompt", constrained), ("instruction", followed)):
+            for mode in ("strict", "loose"):
+                key = f"ifeval_{level}_{mode}"
+                values = [r[key] for r in items] if level == "prompt" else [float(f[mode]) for f in items]
+                out[key] = sum(values) / max(len(values), 1)
+        out["ifeval_prompts"] = len(constrained)
     for name in ("exact_match", "rouge_l"):
         if name in metrics:
             out[name] = sum(r[name] for r in generated) / max(len(generated), 1)

@@ -18,19 +18,25 @@ $(STAMP): setup.py
 
 setup: $(STAMP)
 
-# The main job, on this machine's CPU: synthetic tasks -> shards -> SmolLM2-135M-Instruct fine-tuned with
-# ZeRO-3 on 2 workers of an embedded Ray cluster -> exported; exact match on held-out tasks before and after.
+# The main job, on this machine's CPU: synthetic tasks, a share with verifiable constraints -> shards ->
+# SmolLM2-135M-Instruct fine-tuned with ZeRO-3 on 2 workers of an embedded Ray cluster -> exported; exact match
+# on held-out tasks, and instruction following (IFEval, prompt-level strict) on held-out constraint tasks and on
+# constraint types never trained on, before and after.
 QS := runs/quickstart
+HELD_OUT_TYPES := detectable_format:title,startend:quotation,change_case:english_lowercase,punctuation:no_comma
+HELD_OUT := --data $(QS)/data/heldout.jsonl --data $(QS)/data/heldout_constraints.jsonl --data $(QS)/data/heldout_types.jsonl
 quickstart: $(STAMP)
-	$(BIN)/infinitune generate-data --n 2000 --seed 0 --out $(QS)/data/synth.jsonl
+	$(BIN)/infinitune generate-data --n 2000 --seed 0 --constraints 0.7 --hold-out-types $(HELD_OUT_TYPES) --out $(QS)/data/synth.jsonl
 	$(BIN)/infinitune generate-data --n 40 --seed 1 --out $(QS)/data/heldout.jsonl
-	$(BIN)/infinitune eval HuggingFaceTB/SmolLM2-135M-Instruct --data $(QS)/data/heldout.jsonl --max-new-tokens 16 --out $(QS)/eval_before.json
+	$(BIN)/infinitune generate-data --n 40 --seed 2 --constraints 1 --hold-out-types $(HELD_OUT_TYPES) --out $(QS)/data/heldout_constraints.jsonl
+	$(BIN)/infinitune generate-data --n 40 --seed 3 --constraints 1 --constraint-types $(HELD_OUT_TYPES) --out $(QS)/data/heldout_types.jsonl
+	$(BIN)/infinitune eval HuggingFaceTB/SmolLM2-135M-Instruct $(HELD_OUT) --metrics exact_match,ifeval --max-new-tokens 96 --batch-size 40 --out $(QS)/eval_before.json
 	$(BIN)/infinitune prepare configs/quickstart.yaml
 	$(BIN)/infinitune train configs/quickstart.yaml
 	$(BIN)/infinitune export $(QS) --out $(QS)/export
-	$(BIN)/infinitune eval $(QS)/export --data $(QS)/data/heldout.jsonl --max-new-tokens 16 --out $(QS)/eval_after.json
+	$(BIN)/infinitune eval $(QS)/export $(HELD_OUT) --metrics exact_match,ifeval --max-new-tokens 96 --batch-size 40 --out $(QS)/eval_after.json
 	$(BIN)/infinitune generate $(QS)/export --prompt "$$(printf 'Reverse the letters of the word.\n\nbanana')"
-	@$(BIN)/python -c "import json; b, a = (json.load(open('$(QS)/eval_' + w + '.json'))['metrics']['exact_match'] for w in ('before', 'after')); print(f'exact match on 40 held-out tasks: before {b:.1%}, after {a:.1%}')"
+	@$(BIN)/python -m infinitune.launcher.eval_report $(QS)/eval_before.json $(QS)/eval_after.json
 	@echo "TensorBoard: $(BIN)/tensorboard --logdir $(QS)/tensorboard    model: $(QS)/export"
 
 test: $(STAMP)

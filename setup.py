@@ -13,7 +13,7 @@ setup(
     description="Distributed instruction fine-tuning: WebDataset shards, Ray Train, DeepSpeed ZeRO-3.",
     long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=find_packages(include=["infinitune", "infinitune.*"]),
     include_package_data=True,
     package_data={"infinitune": ["py.typed", "data_pipeline/nltk_data/tokenizers/punkt_tab/english/*"]},

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from infinitune.data_pipeline import synthetic
 from infinitune.testing.jobs import job_config, logs, make_tiny_setup, run, run_dir_of
 from infinitune.trainer import scoring
 
@@ -75,6 +76,8 @@ def tiny(tmp_path_factory, tiny_tokenizer_dir):
         {"instruction": "Parity of 3?", "input": "", "output": "odd"},
     ]
     data = write_jsonl(root / "heldout.jsonl", records)
+    # Constraint tasks for the in-training ifeval (generated as the quickstart's are).
+    synthetic.write_jsonl(str(root / "constraints.jsonl"), 6, seed=1, mix=synthetic.Mix(share=1.0))
     return setup, data, root
 
 
@@ -113,7 +116,14 @@ def test_eval_of_a_base_model_scores_records_counts_left_out_ones_and_recomputes
 @pytest.fixture(scope="module")
 def trained(tiny, tmp_path_factory):
     setup, _, root = tiny
-    config = job_config(setup, root / "runs", "eval-run", train={"max_steps": 4, "eval_every": 4})
+    train = {
+        "max_steps": 4,
+        "eval_every": 4,
+        "eval_tasks": str(root / "constraints.jsonl"),
+        "eval_metrics": ["exact_match", "ifeval"],
+        "eval_generations": 3,
+    }
+    config = job_config(setup, root / "runs", "eval-run", train=train)
     assert run(config) == 0, logs(config)
     export = root / "export"
     subprocess.run(
@@ -122,6 +132,77 @@ def trained(tiny, tmp_path_factory):
         capture_output=True,
     )
     return run_dir_of(config), export
+
+
+def test_eval_scores_ifevals_own_prompts_and_several_sets_with_one_load(tiny, tmp_path):
+    setup, data, _ = tiny
+    ifeval = [
+        {
+            "key": 1,
+            "prompt": "Say hi without commas.",
+            "instruction_id_list": ["punctuation:no_comma"],
+            "kwargs": [{}],
+        },
+        {
+            "key": 2,
+            "prompt": "Say hi in fewer than 50 words and end with 'Bye.'",
+            "instruction_id_list": ["length_constraints:number_words", "startend:end_checker"],
+            "kwargs": [{"num_words": 50, "relation": "less than", "keywords": None}, {"end_phrase": "Bye."}],
+        },
+        {"key": 3, "prompt": "Do it.", "instruction_id_list": ["keywords:made_up"], "kwargs": [{}]},
+    ]
+    prompts = write_jsonl(tmp_path / "input_data.jsonl", ifeval)
+    out = tmp_path / "report.json"
+    args = ["--data", prompts, "--data", data, "--metrics", "exact_match,ifeval,loss", "--max-new-tokens", 8]
+    stdout = eval_cli(setup["model"], *args, "--out", out)
+    report = json.loads(out.read_text())
+    assert report["dropped"] == {"unknown_instruction": 1, "bad_json": 1, "missing_field": 1}
+    assert report["examples"] == 5 and report["metrics"]["ifeval_prompts"] == 2
+    by = report["by_data"]
+    assert set(by[str(prompts)]) >= {"ifeval_prompt_strict", "ifeval_instruction_loose"}
+    assert "exact_match" not in by[str(prompts)] and "loss" not in by[str(prompts)]  # prompts alone: no reference
+    assert by[str(data)]["exact_match"] == report["metrics"]["exact_match"]  # only the answered set has references
+    rows = {r["where"]: r for r in report["rows"]}
+    assert all(r["data"] in (str(prompts), str(data)) for r in rows.values())
+    first = rows[f"{prompts}:1"]
+    assert first["reference"] is None and "loss" not in first and len(first["ifeval"]) == 1
+    assert first["ifeval_prompt_strict"] == float("," not in first["answer"] and bool(first["answer"].strip()))
+    assert set(report["ifeval_by_type"]) == {
+        "punctuation:no_comma",
+        "length_constraints:number_words",
+        "startend:end_checker",
+    }
+    assert "instruction-level accuracy by type" in stdout
+    missing = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "infinitune.launcher.cli",
+            "eval",
+            setup["model"],
+            "--data",
+            data,
+            "--metrics",
+            "ifeval",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert missing.returncode != 0 and "carries constraints" in missing.stderr
+
+
+@pytest.mark.slow
+def test_in_training_eval_scores_ifeval_on_the_eval_tasks(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _ = trained
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {f"eval/{m}" for m in scoring.IFEVAL_SCORES} <= tags and "eval/exact_match" in tags
+    [event] = acc.Scalars("eval/ifeval_prompts")
+    assert event.step == 4 and event.value == 3
 
 
 @pytest.mark.slow
@@ -154,3 +235,27 @@ def test_seeded_sampling_and_ray_workers_give_the_same_rows(tiny, trained, tmp_p
     greedy = tmp_path / "greedy.json"
     eval_cli(export, "--data", data, "--batch-size", 1, "--max-new-tokens", 6, "--temperature", 5, "--out", greedy)
     assert json.loads(greedy.read_text())["settings"]["sampling"] is None
+
+
+def test_before_after_shows_exact_match_for_plain_sets_and_ifeval_for_constrained_ones():
+    from infinitune.launcher.eval_report import before_after
+
+    def report(em, strict):
+        return {
+            "data": ["plain.jsonl", "constrained.jsonl"],
+            "by_data": {
+                "plain.jsonl": {"exact_match": em},
+                "constrained.jsonl": {
+                    "exact_match": 0.0,
+                    "ifeval_prompt_strict": strict,
+                    "ifeval_instruction_strict": strict + 0.1,
+                    "ifeval_prompts": 40,
+                },
+            },
+        }
+
+    lines = before_after(report(0.0, 0.2), report(0.275, 0.45)).splitlines()
+    assert lines[1].split() == ["plain.jsonl", "exact_match", "0.0%", "27.5%"]
+    assert lines[2].split() == ["constrained.jsonl", "ifeval_prompt_strict", "20.0%", "45.0%"]
+    assert lines[3].split() == ["constrained.jsonl", "ifeval_instruction_strict", "30.0%", "55.0%"]
+    assert len(lines) == 4  # no exact match for the constrained set: its references are one response of many

@@ -257,7 +257,7 @@ def build_response(rng: random.Random, base: Base, types: Sequence[str]) -> tupl
     params: dict[str, dict[str, Any]] = {t: {} for t in types}
     core = base.answer.strip()
     sentences = [core if ("\n" in core or core.endswith((".", "!", "?"))) else f"The answer is {core}."]
-    sentences += rng.sample(_FILLER, rng.randint(1, 3))
+    sentences += rng.sample(_FILLER, rng.randint(0, 2))
     words = rng.sample(_WORDS, 8)  # distinct words for keywords, forbidden words, first words and titles
     if "keywords:existence" in params:
         kws = words[:2]

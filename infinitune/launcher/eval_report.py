@@ -60,3 +60,27 @@ def format_report(report: dict[str, Any], show: int = 5) -> str:
     if report["dropped"]:
         lines.append("  records left out: " + ", ".join(f"{k} {v}" for k, v in sorted(report["dropped"].items())))
     return "\n".join(lines)
+
+
+def before_after(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """Two reports on the same data side by side: per data set, exact match where its records have plain
+    answers, IFEval's prompt- and instruction-level strict accuracy where they carry constraints."""
+    sets = before.get("by_data") or {before["data"]: before["metrics"]}
+    later = after.get("by_data") or {after["data"]: after["metrics"]}
+    lines = [f"{'held-out set':<44} {'metric':<26} {'before':>7} {'after':>7}"]
+    for name, metrics in sets.items():
+        shown = (
+            ("ifeval_prompt_strict", "ifeval_instruction_strict") if "ifeval_prompts" in metrics else ("exact_match",)
+        )
+        for metric in shown:
+            if metric in metrics and metric in later.get(name, {}):
+                lines.append(f"{name:<44} {metric:<26} {metrics[metric]:>7.1%} {later[name][metric]:>7.1%}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # the quickstart's closing table: python -m infinitune.launcher.eval_report BEFORE AFTER
+    import json
+    import sys
+    from pathlib import Path
+
+    print(before_after(*(json.loads(Path(p).read_text(encoding="utf-8")) for p in sys.argv[1:3])))

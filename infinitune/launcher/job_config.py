@@ -192,7 +192,8 @@ def absolute_paths(cfg: JobConfig) -> JobConfig:
             "local_dir": resolve(cfg.cluster.local_dir, False),
         }
     )
-    return cfg.model_copy(update={"data": data, "model": model, "cluster": cluster})
+    train = cfg.train.model_copy(update={"eval_tasks": resolve(cfg.train.eval_tasks, True)})
+    return cfg.model_copy(update={"data": data, "model": model, "cluster": cluster, "train": train})
 
 
 def run_location(cfg: JobConfig) -> tuple[Path, str | None]:

@@ -109,13 +109,15 @@ def _is_ifeval_prompt(record: Any) -> bool:
     return isinstance(record, dict) and "prompt" in record and "instruction_id_list" in record
 
 
-def examples_from_records(path: str, tokenizer, limit: int | None = None) -> tuple[list[Example], dict[str, int]]:
+def examples_from_records(
+    path: str, tokenizer, limit: int | None = None, key: str = "--data"
+) -> tuple[list[Example], dict[str, int]]:
     """Held-out tasks from a file of records in any format `prepare` reads: the conversation without its last
     answer is the prompt (through the tokenizer's chat template), that answer the reference. Records with
     verifiable constraints keep them, and IFEval's own prompt records (no answer) are read too. Records that
     cannot be used are counted by reason, never silently left out."""
     records = []
-    for location, record in iter_records(SourceConfig(path=path), "--data"):
+    for location, record in iter_records(SourceConfig(path=path), key):
         records.append((location, record))
         if limit is not None and len(records) >= limit:
             break
@@ -124,7 +126,7 @@ def examples_from_records(path: str, tokenizer, limit: int | None = None) -> tup
     fmt = None if ifeval else detect_format(usable)
     if fmt is None and not ifeval:
         raise DataError(
-            f"--data {path}: cannot tell the records' format (alpaca, sharegpt, messages, or IFEval's prompts)"
+            f"{key} {path}: cannot tell the records' format (alpaca, sharegpt, messages, or IFEval's prompts)"
         )
     encoder = ChatEncoder(tokenizer, resolve_chat_template(tokenizer, None), train_on="last")
     examples: list[Example] = []

@@ -376,7 +376,7 @@ def eval_tasks(spec: TrainerSpec, base: str, manifest, tokenizer) -> list:
         return []
     if spec.train.eval_tasks is None:
         return examples_from_shards(base, manifest, tokenizer, n)
-    examples, dropped = examples_from_records(spec.train.eval_tasks, tokenizer, n)
+    examples, dropped = examples_from_records(spec.train.eval_tasks, tokenizer, n, "train.eval_tasks")
     if dropped:
         log.warning("train.eval_tasks %s: records left out: %s", spec.train.eval_tasks, dropped)
     if "ifeval" in spec.train.eval_metrics and not any(e.constraints for e in examples):

@@ -129,14 +129,15 @@ def score_rows(rows: list[dict[str, Any]], metrics: Sequence[str]) -> dict[str, 
                 values = [r[key] for r in items] if level == "prompt" else [float(f[mode]) for f in items]
                 out[key] = sum(values) / max(len(values), 1)
         out["ifeval_prompts"] = len(constrained)
-    for name in ("exact_match", "rouge_l"):
-        if name in metrics:
-            out[name] = sum(r[name] for r in generated) / max(len(generated), 1)
-    if "bleu" in metrics:
-        out["bleu"] = corpus_bleu([r["answer"] for r in generated], [r["reference"] for r in generated])
-    if "loss" in metrics:
-        tokens = sum(r.get("loss_tokens", 0) for r in rows)
-        out["loss"] = sum(r.get("loss_sum", 0.0) for r in rows) / max(tokens, 1)
+    if generated:  # none: prompts alone (IFEval's records), which have no reference to compare with
+        for name in ("exact_match", "rouge_l"):
+            if name in metrics:
+                out[name] = sum(r[name] for r in generated) / len(generated)
+        if "bleu" in metrics:
+            out["bleu"] = corpus_bleu([r["answer"] for r in generated], [r["reference"] for r in generated])
+    tokens = sum(r.get("loss_tokens", 0) for r in rows)
+    if "loss" in metrics and tokens:
+        out["loss"] = sum(r.get("loss_sum", 0.0) for r in rows) / tokens
         out["ppl"] = perplexity(out["loss"])
         out["loss_tokens"] = tokens
         for r in rows:

@@ -13,6 +13,7 @@ import pytest
 from if_verifiable.common import evaluate_instructions
 
 from infinitune.data_pipeline import constraints, synthetic
+from infinitune.data_pipeline.errors import DataError
 from infinitune.trainer import scoring
 
 from .conftest import write_jsonl
@@ -147,8 +148,7 @@ def test_loose_forgives_a_first_line_and_markdown_stars_as_the_paper_does():
 
 
 def test_sentences_are_split_with_the_stand_in_when_nltk_has_no_punkt_model():
-    # This machine cannot download NLTK's punkt_tab: the package's stand-in counts sentences, abbreviations kept.
-    assert "punkt_tab" in constraints.sentence_splitter()
+    # Without NLTK's punkt_tab (it cannot be downloaded here) the package's stand-in counts, abbreviations kept.
     from if_verifiable.ifeval import instructions_util
 
     assert instructions_util.count_sentences("Dr. Smith met Mr. Brown at 3 p.m. today. It rained! Did it?") == 3
@@ -271,6 +271,17 @@ def test_every_generated_record_follows_its_own_constraints_over_thousands_of_se
     assert seen == set(constraints.GENERATED_TYPES)
 
 
+def test_no_case_constraint_contradicts_its_task():
+    mix = synthetic.Mix(share=1.0, types=["change_case:english_lowercase", "punctuation:no_comma"])
+    records = list(islice(synthetic.stream(seed=9, tasks=["uppercase", "acronym", "reverse"], mix=mix), 150))
+    for r in records:
+        if r["base_task"] in ("uppercase", "acronym"):
+            assert r["instruction_id_list"] == ["punctuation:no_comma"]
+    assert any("change_case:english_lowercase" in r["instruction_id_list"] for r in records)  # reverse gets it
+    with pytest.raises(DataError, match="fit none"):
+        next(synthetic.stream(seed=9, tasks=["uppercase"], mix=synthetic.Mix(1.0, ["change_case:english_lowercase"])))
+
+
 def test_a_constraint_share_keeps_the_plain_tasks_unchanged_and_is_seeded():
     plain = list(islice(synthetic.stream(seed=5), 200))
     mixed = list(islice(synthetic.stream(seed=5, mix=synthetic.Mix(share=0.5)), 200))
@@ -329,3 +340,5 @@ def test_generate_data_writes_constraint_records_and_refuses_unknown_types(tmp_p
     assert bad.returncode != 0 and "--hold-out-types" in bad.stderr and "startend:quote" in bad.stderr
     bad = cli("generate-data", "--n", 5, "--hold-out-types", "startend:quotation", "--out", out)
     assert bad.returncode != 0 and "--constraints" in bad.stderr
+    bad = cli("generate-data", "--n", 5, "--constraints", 0.5, "--from", out, "--out", tmp_path / "x.jsonl")
+    assert bad.returncode != 0 and "--constraints 1" in bad.stderr

@@ -150,13 +150,22 @@ def test_eval_scores_ifevals_own_prompts_and_several_sets_with_one_load(tiny, tm
             "kwargs": [{"num_words": 50, "relation": "less than", "keywords": None}, {"end_phrase": "Bye."}],
         },
         {"key": 3, "prompt": "Do it.", "instruction_id_list": ["keywords:made_up"], "kwargs": [{}]},
+        {"key": 4, "prompt": "Do it.", "instruction_id_list": ["keywords:existence"], "kwargs": [{}]},
+        {
+            "key": 5,
+            "prompt": "Do it.",
+            "instruction_id_list": ["length_constraints:number_words"],
+            "kwargs": [{"n": 1}],
+        },
+        {"key": 6, "prompt": "Do it.", "instruction_id_list": [], "kwargs": []},
     ]
     prompts = write_jsonl(tmp_path / "input_data.jsonl", ifeval)
     out = tmp_path / "report.json"
     args = ["--data", prompts, "--data", data, "--metrics", "exact_match,ifeval,loss", "--max-new-tokens", 8]
     stdout = eval_cli(setup["model"], *args, "--out", out)
     report = json.loads(out.read_text())
-    assert report["dropped"] == {"unknown_instruction": 1, "bad_json": 1, "missing_field": 1}
+    # Missing or misspelt parameters and an empty list are refused: the verifier would draw its own at random.
+    assert report["dropped"] == {"unknown_instruction": 1, "bad_constraints": 3, "bad_json": 1, "missing_field": 1}
     assert report["examples"] == 5 and report["metrics"]["ifeval_prompts"] == 2
     by = report["by_data"]
     assert set(by[str(prompts)]) >= {"ifeval_prompt_strict", "ifeval_instruction_loose"}

@@ -13,7 +13,7 @@ import ray
 
 from infinitune.cluster.config import ClusterConfig
 from infinitune.cluster.ray_job import connect
-from infinitune.trainer.evaluate import eval_slice, load_examples
+from infinitune.trainer.evaluate import eval_slice, load_examples, require_constraints
 from infinitune.trainer.loading import load_eval_tokenizer
 
 
@@ -26,6 +26,7 @@ def eval_on_workers(target: str, data: str, settings: Any, workers: int, address
     # The examples' count decides the slices: the driver needs the tokenizer, not the model.
     tokenizer = load_eval_tokenizer(target, settings.step)
     examples, _ = load_examples(data, tokenizer, settings.limit)
+    require_constraints(examples, settings.metrics, data)  # before a cluster starts
     per = -(-len(examples) // workers)
     per = -(-per // settings.batch_size) * settings.batch_size  # whole batches: the seeding stays put
     bounds = [(lo, min(lo + per, len(examples))) for lo in range(0, len(examples), per)] or [(0, 0)]

@@ -23,17 +23,12 @@ built from a base answer.
 from __future__ import annotations
 
 import json
-import logging
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
-
-from infinitune.data_pipeline.errors import DataError
-
-log = logging.getLogger(__name__)
 
 _NLTK_DATA = Path(__file__).with_name("nltk_data")
 
@@ -147,16 +142,8 @@ def sentence_splitter() -> str:
     return "punkt_tab (infinitune's stand-in)" if found.startswith(str(_NLTK_DATA)) else f"punkt_tab ({found})"
 
 
-def check_ids(ids: Sequence[str], kwargs: Sequence[Mapping[str, Any]], where: str) -> None:
-    """Refuses constraint lists the verifiers cannot score, naming the record."""
-    unknown = [i for i in ids if i not in registry()]
-    if unknown:
-        raise DataError(f"{where}: unknown instruction id(s) {unknown}; IFEval's are {', '.join(sorted(registry()))}")
-    if len(kwargs) != len(ids):
-        raise DataError(f"{where}: {len(ids)} instruction ids but {len(kwargs)} kwargs; give one dict per id")
-
-
-def _checker(instruction_id: str, kwargs: Mapping[str, Any], prompt: str):
+def checker_for(instruction_id: str, kwargs: Mapping[str, Any], prompt: str):
+    """IFEval's verifier for one instruction, built with its parameters (and the prompt, where it reads it)."""
     checker = registry()[instruction_id](instruction_id)
     checker.build_description(**{k: v for k, v in kwargs.items() if v is not None})
     args = checker.get_instruction_args()
@@ -184,7 +171,7 @@ def follows(response: str, ids: Sequence[str], kwargs: Sequence[Mapping[str, Any
     variants = loose_variants(response)
     out = []
     for instruction_id, kw in zip(ids, kwargs):
-        checker = _checker(instruction_id, kw, prompt)
+        checker = checker_for(instruction_id, kw, prompt)
         strict = bool(response.strip()) and bool(checker.check_following(response))
         loose = strict or any(v.strip() and checker.check_following(v) for v in variants)
         out.append(Following(instruction_id, strict, bool(loose)))

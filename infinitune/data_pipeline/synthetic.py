@@ -133,6 +133,12 @@ class Mix:
     bases: Sequence[Base] = field(default_factory=list)
 
 
+# Constraints that would contradict a task's own instruction ("Convert the text to uppercase" in lowercase).
+CONTRADICTS: dict[str, set[str]] = {
+    "uppercase": {"change_case:english_lowercase"},
+    "acronym": {"change_case:english_lowercase"},
+}
+
 _ANSWER_FORM = re.compile(r"\s*Answer (with|as) [^.]*\.")
 
 
@@ -179,10 +185,13 @@ def make_record(
         if rng.random() < mix.share:
             if mix.bases:
                 return make_constraint_record(rng, mix.bases[index % len(mix.bases)], mix.types, fmt)
-            while True:  # a synthetic base that fits none of the drawn constraints is simply replaced
-                record = make_constraint_record(rng, base_task(rng, tasks), mix.types, fmt)
+            for _ in range(100):  # a synthetic base that fits none of the drawn constraints is simply replaced
+                base = base_task(rng, tasks)
+                types = [t for t in mix.types if t not in CONTRADICTS.get(base.task, ())]
+                record = make_constraint_record(rng, base, types, fmt) if types else None
                 if record is not None:
                     return record
+            raise DataError(f"constraint types {list(mix.types)} fit none of 100 tasks of {list(tasks)}; add types")
     rng = random.Random(f"infinitune-synthetic/{seed}/{index}")
     task = tasks[rng.randrange(len(tasks))]
     instruction, extra, answer = TASKS[task](rng)

@@ -65,6 +65,12 @@ def cmd_generate_data(args: argparse.Namespace) -> int:
         for reason, n in sorted(left_out.items()):
             print(f"--from {args.source}: {n} records left out ({reason})")
         mix = synthetic.Mix(args.constraints, types, bases)
+        if args.source and args.constraints != 1:
+            raise ConfigError(
+                "--constraints",
+                "with --from every record gets constraints: give --constraints 1 (add your plain records to "
+                "training as a source of their own)",
+            )
     elif args.source or args.constraint_types or args.hold_out_types:
         raise ConfigError("--constraints", "--from, --constraint-types and --hold-out-types need --constraints > 0")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

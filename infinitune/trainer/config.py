@@ -198,7 +198,7 @@ class TrainConfig(Section):
             require(
                 family in self.eval_metrics and self.eval_generations > 0,
                 "early_stopping_metric",
-                f"{self.early_stopping_metric} is only computed when it is in eval_metrics and eval_generations > 0",
+                f"{self.early_stopping_metric} is only computed when {family} is in eval_metrics and eval_generations > 0",
             )
         require(
             self.global_batch_size % self.micro_batch_size == 0,

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from infinitune.data_pipeline import constraints
 from infinitune.data_pipeline.config import SourceConfig
-from infinitune.data_pipeline.constraints import registry
 from infinitune.data_pipeline.errors import DataError, RecordError
 from infinitune.data_pipeline.formats import detect_format, normalise
 from infinitune.data_pipeline.shards import Manifest, check_tokenizer, iter_shard, join_url, read_manifest
@@ -98,10 +98,24 @@ def _constraints(record: Any, request: str) -> dict[str, Any] | None:
     ids, kwargs = record["instruction_id_list"], record.get("kwargs")
     if not isinstance(ids, list) or not isinstance(kwargs, list) or len(ids) != len(kwargs):
         raise RecordError("bad_constraints", "instruction_id_list and kwargs must be lists of the same length")
-    unknown = [i for i in ids if i not in registry()]
+    if not ids:
+        raise RecordError("bad_constraints", "instruction_id_list is empty: a prompt with no constraint scores nothing")
+    unknown = [i for i in ids if i not in constraints.registry()]
     if unknown:
         raise RecordError("unknown_instruction", f"unknown instruction id(s) {unknown}; see IFEval's list")
-    return {"instruction_id_list": ids, "kwargs": [k or {} for k in kwargs], "request": request}
+    kwargs = [k or {} for k in kwargs]
+    for instruction_id, kw in zip(ids, kwargs):
+        # The verifiers draw missing parameters from the global random state: a record must give them all.
+        if not isinstance(kw, dict):
+            raise RecordError("bad_constraints", f"the kwargs of {instruction_id} must be a dict; got {kw!r}")
+        try:
+            wanted = set(constraints.checker_for(instruction_id, kw, request).get_instruction_args_keys() or ())
+        except (TypeError, ValueError, AttributeError) as e:
+            raise RecordError("bad_constraints", f"{instruction_id} cannot take kwargs {kw}: {e}") from None
+        missing = sorted(wanted - {"prompt"} - {k for k, v in kw.items() if v is not None})
+        if missing:
+            raise RecordError("bad_constraints", f"{instruction_id} needs kwargs {missing}; got {kw}")
+    return {"instruction_id_list": ids, "kwargs": kwargs, "request": request}
 
 
 def _is_ifeval_prompt(record: Any) -> bool:
@@ -288,6 +302,15 @@ def load_examples(data: str | list[str], tokenizer, limit: int | None) -> tuple[
     return examples_from_records(data, tokenizer, limit)
 
 
+def require_constraints(examples: list[Example], metrics: list[str], data) -> None:
+    """`ifeval` on data of which no record carries constraints is refused before anything is generated."""
+    if "ifeval" in metrics and not any(e.constraints for e in examples):
+        raise DataError(
+            f"--metrics ifeval: no record of --data {data} carries constraints (instruction_id_list and kwargs); "
+            "make some with `infinitune generate-data --constraints 1`, or pass IFEval's input_data.jsonl"
+        )
+
+
 @dataclass
 class EvalSettings:
     """How `infinitune eval` answers and scores."""
@@ -306,11 +329,7 @@ def eval_slice(
     """(rows of examples lo..hi, records left out by reason, examples in all): one worker's share."""
     lm, tokenizer = load_for_eval(target, settings.step)
     examples, dropped = load_examples(data, tokenizer, settings.limit)
-    if "ifeval" in settings.metrics and not any(e.constraints for e in examples):
-        raise DataError(
-            f"--metrics ifeval: no record of --data {data} carries constraints (instruction_id_list and kwargs); "
-            "make some with `infinitune generate-data --constraints 1`, or pass IFEval's input_data.jsonl"
-        )
+    require_constraints(examples, settings.metrics, data)
     mine = examples[lo:hi]
     with tqdm(total=len(mine), unit="ex", desc="eval", disable=not progress) as bar:
         rows = evaluate_examples(

@@ -356,7 +356,15 @@ def evaluate(trainer: Trainer, spec: TrainerSpec, state: TrainState, ctx: RunCon
     trainer.metrics.scalars(state.step, metrics)
     ctx.report(state.step, metrics, None)
     watched = spec.train.early_stopping_metric
-    value = metrics[f"eval/{watched}"]
+    value = metrics.get(f"eval/{watched}")
+    patience = spec.train.early_stopping_patience
+    if value is None:  # e.g. exact_match on eval_tasks that are prompts alone: nothing to compare with
+        if patience:
+            raise DataError(
+                f"train.early_stopping_metric: {watched} was not computed at step {state.step} "
+                f"(computed: {', '.join(sorted(metrics))}); watch one of those"
+            )
+        value = metrics["eval/loss"] if watched == "loss" else state.best_eval
     better = value > state.best_eval if HIGHER_IS_BETTER[watched] else value < state.best_eval
     if better or state.evals == 0:
         state.best_eval, state.evals_without_improvement = value, 0
@@ -364,7 +372,6 @@ def evaluate(trainer: Trainer, spec: TrainerSpec, state: TrainState, ctx: RunCon
         state.evals_without_improvement += 1
     state.best_eval_loss = min(state.best_eval_loss, loss)
     state.evals += 1
-    patience = spec.train.early_stopping_patience
     return bool(patience and state.evals_without_improvement >= patience)
 
 

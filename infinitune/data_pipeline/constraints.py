@@ -152,13 +152,6 @@ def checker_for(instruction_id: str, kwargs: Mapping[str, Any], prompt: str):
     return checker
 
 
-def loose_variants(response: str) -> list[str]:
-    """The paper's loose reading: the response, without its first line, last line or both, each also without `*`."""
-    lines = response.split("\n")
-    cut = [response, "\n".join(lines[1:]).strip(), "\n".join(lines[:-1]).strip(), "\n".join(lines[1:-1]).strip()]
-    return [*cut, *(c.replace("*", "") for c in cut)]
-
-
 @dataclass
 class Following:
     instruction_id: str
@@ -167,8 +160,12 @@ class Following:
 
 
 def follows(response: str, ids: Sequence[str], kwargs: Sequence[Mapping[str, Any]], prompt: str) -> list[Following]:
-    """Whether the response follows each constraint, strictly and loosely (an empty response follows none)."""
-    variants = loose_variants(response)
+    """Whether the response follows each constraint, strictly and loosely (an empty response follows none).
+    Loosely: the response, or it without its first line, last line or both, each also without `*`, passes (the
+    package's `get_loose_transformations`, the paper's definition)."""
+    from if_verifiable.common import get_loose_transformations
+
+    variants = get_loose_transformations(response)
     out = []
     for instruction_id, kw in zip(ids, kwargs):
         checker = checker_for(instruction_id, kw, prompt)

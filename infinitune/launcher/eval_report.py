@@ -5,24 +5,27 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
+from infinitune.data_pipeline.constraints import sentence_splitter
 from infinitune.trainer.evaluate import EvalSettings
-from infinitune.trainer.scoring import REFERENCE_METRICS, ifeval_by_type, score_rows
+from infinitune.trainer.scoring import REFERENCE_METRICS, aggregate, ifeval_by_type, score_each
 
 
 def build_report(target: str, data: str | list[str], settings: EvalSettings, rows, dropped, total: int) -> dict:
     """The aggregates over all rows; with several data sets, also per set (`by_data`); with ifeval, the
     instruction-level accuracy per constraint type (`ifeval_by_type`)."""
+    score_each(rows, settings.metrics)  # once: the sets below only aggregate
     report: dict[str, Any] = {
         "model": target,
         "data": data,
         "examples": total,
-        "metrics": score_rows(rows, settings.metrics),
+        "metrics": aggregate(rows, settings.metrics),
         "dropped": dropped,
         "settings": asdict(settings),
     }
     if not isinstance(data, str) and len(data) > 1:
-        report["by_data"] = {d: score_rows([r for r in rows if r.get("data") == d], settings.metrics) for d in data}
+        report["by_data"] = {d: aggregate([r for r in rows if r.get("data") == d], settings.metrics) for d in data}
     if "ifeval" in settings.metrics:
+        report["ifeval_sentence_splitter"] = sentence_splitter()  # NLTK's trained model, or the stand-in
         report["ifeval_by_type"] = ifeval_by_type(rows)
         if not isinstance(data, str) and len(data) > 1:
             report["ifeval_by_type_by_data"] = {

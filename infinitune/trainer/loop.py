@@ -364,7 +364,7 @@ def evaluate(trainer: Trainer, spec: TrainerSpec, state: TrainState, ctx: RunCon
                 f"train.early_stopping_metric: {watched} was not computed at step {state.step} "
                 f"(computed: {', '.join(sorted(metrics))}); watch one of those"
             )
-        value = metrics["eval/loss"] if watched == "loss" else state.best_eval
+        value = state.best_eval  # nothing to watch this time: the watch stays where it was
     better = value > state.best_eval if HIGHER_IS_BETTER[watched] else value < state.best_eval
     if better or state.evals == 0:
         state.best_eval, state.evals_without_improvement = value, 0

@@ -101,12 +101,18 @@ def ifeval_by_type(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 
 def score_rows(rows: list[dict[str, Any]], metrics: Sequence[str]) -> dict[str, float]:
-    """Adds each requested generation metric to every row (which holds `answer` and `reference`, for loss
-    `loss_sum` and `loss_tokens`, for ifeval its constraints), and returns the aggregates: means, corpus BLEU,
-    token-weighted loss and its perplexity, IFEval's accuracies. Rows without a reference (IFEval's own
-    prompts) are left out of the reference metrics, rows without constraints out of ifeval's."""
-    out: dict[str, float] = {}
+    """Adds each requested metric to every row and returns the aggregates (`score_each`, then `aggregate`)."""
+    score_each(rows, metrics)
+    return aggregate(rows, metrics)
+
+
+def score_each(rows: list[dict[str, Any]], metrics: Sequence[str]) -> None:
+    """Adds each requested metric to every row (which holds `answer` and `reference`, for loss `loss_sum` and
+    `loss_tokens`, for ifeval its constraints). Rows without a reference (IFEval's own prompts) get no
+    reference metric, rows without constraints no ifeval."""
     for row in rows:
+        if "loss" in metrics and row.get("loss_tokens"):
+            row["loss"] = row["loss_sum"] / row["loss_tokens"]
         if "answer" not in row:
             continue
         if "ifeval" in metrics and "instruction_id_list" in row:
@@ -119,6 +125,12 @@ def score_rows(rows: list[dict[str, Any]], metrics: Sequence[str]) -> dict[str, 
             row["rouge_l"] = rouge_l(row["answer"], row["reference"])
         if "bleu" in metrics:
             row["bleu"] = sentence_bleu(row["answer"], row["reference"])
+
+
+def aggregate(rows: list[dict[str, Any]], metrics: Sequence[str]) -> dict[str, float]:
+    """The aggregates of rows `score_each` scored: means, corpus BLEU, token-weighted loss and its perplexity,
+    IFEval's accuracies (prompt level: all of a prompt's constraints followed; instruction level: each)."""
+    out: dict[str, float] = {}
     generated = [r for r in rows if "answer" in r and r.get("reference") is not None]
     constrained = [r for r in rows if "ifeval" in r]
     if "ifeval" in metrics and constrained:  # none: a set of plain tasks beside constrained ones
@@ -140,7 +152,4 @@ def score_rows(rows: list[dict[str, Any]], metrics: Sequence[str]) -> dict[str, 
         out["loss"] = sum(r.get("loss_sum", 0.0) for r in rows) / tokens
         out["ppl"] = perplexity(out["loss"])
         out["loss_tokens"] = tokens
-        for r in rows:
-            if r.get("loss_tokens"):
-                r["loss"] = r["loss_sum"] / r["loss_tokens"]
     return out
